@@ -1,0 +1,1 @@
+"""Training: the LightningModule, schedules and the data module."""

@@ -1,0 +1,65 @@
+"""LightningDataModule over scanned image records."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from samtune.data.dataset import SamDataset, collate_instances
+from samtune.data.records import ImageRecord
+from samtune.data.transforms import build_augmentation
+
+
+class SamDataModule(L.LightningDataModule):
+    """Train/val loaders of :class:`SamDataset` (augmentation on train only, none at evaluation).
+
+    Args:
+        train_records: Records of the training split.
+        val_records: Records of the validation split (may be empty: no validation then).
+        img_size: Model input side.
+        augment: Augmentation preset name for training (``data.augment``).
+        batch_size: Images per batch (``data.batch_size``).
+        num_workers: Loader workers (``data.num_workers``).
+        max_instances: Instances sampled per image per step (``data.max_instances``).
+        binary_as_one_object: Treat all foreground of a binary mask as one object.
+    """
+
+    def __init__(
+        self,
+        train_records: list[ImageRecord],
+        val_records: list[ImageRecord],
+        *,
+        img_size: int,
+        augment: str = "default",
+        batch_size: int = 4,
+        num_workers: int = 0,
+        max_instances: int = 16,
+        binary_as_one_object: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if max_instances < 1:
+            raise ValueError(f"data.max_instances must be >= 1, got {max_instances}")
+        if not train_records:
+            raise ValueError("the training split has no usable images")
+        common = dict(img_size=img_size, max_instances=max_instances, binary_as_one_object=binary_as_one_object)
+        self.train_set = SamDataset(train_records, augment=build_augmentation(augment), **common)
+        self.val_set = SamDataset(val_records, augment=None, **common) if val_records else None
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def _loader(self, dataset: SamDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_instances,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, shuffle=False) if self.val_set is not None else []

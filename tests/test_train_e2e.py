@@ -1,0 +1,100 @@
+"""`python train.py ...` as a user runs it, on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(tmp_path: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "train.py"), "experiment=pcb", "debug=tiny",
+        f"data.root={tmp_path / 'pcb'}", "data.generator_params.n_train=4", "data.generator_params.n_val=2",
+        "data.generator_params.n_test=2", "data.batch_size=2", "data.max_instances=4",
+        "prompts.correction_rounds=1", f"hydra.run.dir={run_dir}", *extra,
+    ]
+
+
+def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    run_dir = tmp / "run"
+    run(tiny_args(tmp, run_dir))
+    return tmp, run_dir
+
+
+def test_train_writes_the_report(trained_run):
+    _, run_dir = trained_run
+    report = json.loads((run_dir / "report.json").read_text())
+    for name in ("zero_shot", "finetuned"):
+        assert set(report[name]) == {"box", "point1", "point3"}
+        for mode in report[name].values():
+            assert 0.0 <= mode["miou"] <= 1.0 and 0.0 <= mode["dice"] <= 1.0 and mode["n"] > 0
+    assert report["skipped_files"] == []
+    rows = [json.loads(line) for line in (run_dir / "instances.jsonl").read_text().splitlines()]
+    assert {r["model"] for r in rows} == {"zero_shot", "finetuned"}
+    row = rows[0]
+    assert set(row) >= {"model", "mode", "image", "instance", "prompt", "iou", "pred_iou"}
+    assert row["image"].startswith("test/images/")
+    n = report["zero_shot"]["box"]["n"]
+    assert len(rows) == 2 * 3 * n
+    md = (run_dir / "report.md").read_text()
+    assert "zero_shot mIoU" in md and "finetuned mIoU" in md and "overlays/" in md
+    assert list((run_dir / "overlays").glob("*.png"))
+    assert (run_dir / "prompts.json").is_file() and (run_dir / "config_resolved.yaml").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "finetuned_sam.pth").is_file()
+
+
+def test_same_prompts_reused_and_train_false_evaluates_only(trained_run, tmp_path):
+    tmp, run_dir = trained_run
+    ckpt = run_dir / "checkpoints" / "finetuned_sam.pth"
+    out = tmp_path / "eval_only"
+    run(tiny_args(tmp, out, "train=false", f"model.checkpoint={ckpt}", f"eval.prompts_file={run_dir / 'prompts.json'}",
+                  "eval.save_masks=true"))
+    report = json.loads((out / "report.json").read_text())
+    assert "finetuned" not in report
+    # The exported fine-tuned weights, evaluated on the same prompts, give the fine-tuned numbers.
+    trained = json.loads((run_dir / "report.json").read_text())
+    for mode in ("box", "point1", "point3"):
+        assert report["zero_shot"][mode]["miou"] == pytest.approx(trained["finetuned"][mode]["miou"], abs=1e-4)
+    row = json.loads((out / "instances.jsonl").read_text().splitlines()[0])
+    assert set(row["mask_rle"]) == {"size", "counts"}
+
+
+def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    args = tiny_args(tmp_path, run_dir, "trainer.max_epochs=4", "trainer.limit_train_batches=3")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "the run never wrote a checkpoint"
+    resumed = run([*args, "resume=true"])
+    log = resumed.stdout + resumed.stderr
+    assert "Resuming in" in log and "Restored all states from the checkpoint" in log
+    import torch
+
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 3
+    assert json.loads((run_dir / "report.json").read_text())["finetuned"]["box"]["n"] > 0

@@ -1,0 +1,232 @@
+"""Shared machinery of the synthetic dataset generators: canvas, noise, atomic writing.
+
+A generator supplies ``render(rng) -> (image HxWx3 uint8, instances HxW int32)``; this module
+derives one RNG per image from ``(seed, split, index)`` (so every file depends only on the seed
+and its position), writes the ``folder`` layout into a temporary sibling folder and renames it
+into place, with a ``DONE.json`` manifest last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from samtune.data.errors import DataError
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "DONE.json"
+Renderer = Callable[[np.random.Generator], tuple[np.ndarray, np.ndarray]]
+
+
+class Canvas:
+    """A float RGB image plus its instance map, painted object by object.
+
+    Later objects occlude earlier ones: painting an instance reassigns its pixels to it.
+
+    Attributes:
+        image: ``HxWx3`` float32, 0..255.
+        instances: ``HxW`` int32, 0 = background.
+    """
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image.astype(np.float32)
+        self.instances = np.zeros(image.shape[:2], np.int32)
+        self._next_id = 1
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.image.shape[0], self.image.shape[1]
+
+    def blank(self) -> np.ndarray:
+        """A zero ``HxW`` uint8 buffer to draw one object's mask into with cv2."""
+        return np.zeros(self.shape, np.uint8)
+
+    def paint(self, mask: np.ndarray, color: Any, *, instance: bool, alpha: float = 1.0,
+              box: tuple[int, int, int, int] | None = None) -> int:
+        """Paint ``color`` where ``mask`` is set.
+
+        Args:
+            mask: ``hxw`` bool or uint8 (non-zero = object); the whole canvas, or the ``box``.
+            color: RGB triple, or an ``hxwx3`` array of per-pixel colours.
+            instance: Make the object a new instance (otherwise it is background clutter and
+                leaves the instance map unchanged).
+            alpha: Opacity.
+            box: ``(x, y, w, h)`` of the region ``mask`` covers; None for the whole canvas.
+
+        Returns:
+            The new instance id, or 0.
+        """
+        col = np.asarray(color, np.float32)
+        if box is None:  # crop to the object so painting costs its size, not the canvas's
+            box = cv2.boundingRect(np.ascontiguousarray(mask, dtype=np.uint8))
+            mask = mask[box[1]:box[1] + box[3], box[0]:box[0] + box[2]]
+            col = col[box[1]:box[1] + box[3], box[0]:box[0] + box[2]] if col.ndim == 3 else col
+        region = np.s_[box[1]:box[1] + box[3], box[0]:box[0] + box[2]]
+        image, instances = self.image[region], self.instances[region]
+        sel = mask.astype(bool)
+        col = col[sel] if col.ndim == 3 else col
+        image[sel] = image[sel] * (1.0 - alpha) + col * alpha
+        if not instance:
+            return 0
+        new_id = self._next_id
+        self._next_id += 1
+        instances[sel] = new_id
+        return new_id
+
+    def finish(self, rng: np.random.Generator, *, noise: float, blur: float,
+               min_area: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """Add sensor noise and blur, drop instances under ``min_area`` px, renumber ``1..N``.
+
+        Returns:
+            ``(image HxWx3 uint8, instances HxW int32)``.
+        """
+        image = self.image + rng.normal(0.0, noise, self.image.shape).astype(np.float32)
+        if blur > 0:
+            image = cv2.GaussianBlur(image, (0, 0), blur)
+        image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        areas = np.bincount(self.instances.ravel())
+        keep = np.flatnonzero(areas >= min_area)
+        keep = keep[keep > 0]
+        lut = np.zeros(areas.size, np.int32)
+        lut[keep] = np.arange(1, keep.size + 1, dtype=np.int32)
+        return image, lut[self.instances]
+
+
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: int) -> np.ndarray:
+    """Low-frequency noise: a coarse normal grid upsampled bicubically.
+
+    Args:
+        rng: Random generator.
+        shape: ``(H, W)``.
+        cell: Approximate feature size in pixels.
+
+    Returns:
+        ``HxW`` float32, roughly zero mean, unit spread.
+    """
+    height, width = shape
+    coarse = rng.normal(size=(height // cell + 2, width // cell + 2)).astype(np.float32)
+    return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def linear_gradient(rng: np.random.Generator, shape: tuple[int, int], strength: float) -> np.ndarray:
+    """A multiplicative illumination ramp ``1 +- strength/2`` in a random direction, ``HxW``."""
+    height, width = shape
+    angle = rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    ramp = xx * np.cos(angle) + yy * np.sin(angle)
+    ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1.0) - 0.5
+    return 1.0 + strength * ramp
+
+
+def random_size(rng: np.random.Generator, low: int = 192, high: int = 320) -> tuple[int, int]:
+    """``(H, W)`` drawn independently from ``low..high`` inclusive (images are not square)."""
+    return int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1))
+
+
+def _read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _same_dataset(manifest: dict[str, Any] | None, generator: str, version: int, params: dict[str, Any]) -> bool:
+    return (manifest is not None and manifest.get("generator") == generator
+            and manifest.get("version") == version and manifest.get("params") == params)
+
+
+def _replaceable(out_dir: Path) -> bool:
+    """Whether ``out_dir`` may be replaced: absent, empty, or written by a samtune generator."""
+    if not out_dir.exists():
+        return True
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        return True
+    manifest = _read_manifest(out_dir)
+    return manifest is not None and str(manifest.get("generator", "")).startswith("samtune.data.synthetic")
+
+
+def _install(tmp: Path, out_dir: Path, generator: str, version: int, params: dict[str, Any]) -> None:
+    """Rename ``tmp`` to ``out_dir``, moving an old generated dataset out of the way first."""
+    for _ in range(5):
+        try:
+            os.rename(tmp, out_dir)
+            return
+        except OSError:
+            if _same_dataset(_read_manifest(out_dir), generator, version, params):
+                shutil.rmtree(tmp, ignore_errors=True)  # another process just wrote the same data
+                return
+            if not _replaceable(out_dir):
+                raise DataError.at(out_dir, "exists and was not written by a samtune generator; "
+                                            "refusing to overwrite it") from None
+            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(out_dir, trash)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+    raise DataError.at(out_dir, "could not move the generated dataset into place")
+
+
+def write_dataset(out_dir: str | Path, render: Renderer, *, generator: str, version: int,
+                  counts: dict[str, int], seed: int) -> Path:
+    """Generate a dataset in the ``folder`` layout, atomically.
+
+    Writes ``{split}/images/<split>_<i>.png`` (RGB) and ``{split}/masks/<split>_<i>.png``
+    (uint16 instance ids) and ``DONE.json`` into a temporary sibling of ``out_dir``, then renames
+    it to ``out_dir``. An existing ``out_dir`` is replaced only if a samtune generator wrote it.
+
+    Args:
+        out_dir: Dataset folder.
+        render: ``rng -> (image HxWx3 uint8, instances HxW int32)``.
+        generator: Generator name recorded in the manifest.
+        version: Generator version (bump when the output changes).
+        counts: Images per split.
+        seed: Base seed; image ``i`` of split ``s`` uses ``default_rng([seed, s, i])``.
+
+    Returns:
+        ``out_dir``.
+    """
+    out_dir = Path(out_dir).absolute()
+    if not _replaceable(out_dir):
+        raise DataError.at(out_dir, "exists and was not written by a samtune generator; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    params = {**{f"n_{split}": int(n) for split, n in counts.items()}, "seed": int(seed)}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is ordinary shared data
+    try:
+        stats: dict[str, dict[str, int]] = {}
+        for split_index, (split, count) in enumerate(counts.items()):
+            (tmp / split / "images").mkdir(parents=True)
+            (tmp / split / "masks").mkdir(parents=True)
+            total = 0
+            for i in range(count):
+                image, instances = render(np.random.default_rng([seed, split_index, i]))
+                name = f"{split}_{i:04d}.png"
+                Image.fromarray(image).save(tmp / split / "images" / name, format="PNG")
+                Image.fromarray(instances.astype(np.uint16)).save(tmp / split / "masks" / name, format="PNG")
+                total += int(instances.max())
+            stats[split] = {"images": count, "instances": total}
+        manifest = {"generator": generator, "version": version, "params": params, "stats": stats}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _install(tmp, out_dir, generator, version, params)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def needs_generation(out_dir: str | Path, *, generator: str, version: int, counts: dict[str, int], seed: int) -> bool:
+    """Whether ``out_dir`` lacks a ``DONE.json`` matching these parameters."""
+    params = {**{f"n_{split}": int(n) for split, n in counts.items()}, "seed": int(seed)}
+    return not _same_dataset(_read_manifest(Path(out_dir)), generator, version, params)

@@ -1,0 +1,93 @@
+"""Synthetic PCB and nucleus generators: determinism, layout, atomic and safe (re)generation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from samtune.data import (
+    DataError,
+    ensure_medical_dataset,
+    ensure_pcb_dataset,
+    generate_medical_dataset,
+    generate_pcb_dataset,
+    load_instance_mask,
+    scan_folder,
+)
+
+SMALL = {"n_train": 3, "n_val": 1, "n_test": 2}
+GENERATORS = [generate_pcb_dataset, generate_medical_dataset]
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("generate", GENERATORS)
+def test_same_seed_same_bytes_other_seed_differs(tmp_path, generate):
+    a = _files(generate(tmp_path / "a", seed=5, **SMALL))
+    b = _files(generate(tmp_path / "b", seed=5, **SMALL))
+    c = _files(generate(tmp_path / "c", seed=6, **SMALL))
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["train/images/train_0000.png"] != c["train/images/train_0000.png"]
+    assert len([k for k in a if k.endswith(".png")]) == 2 * 6
+
+
+@pytest.mark.parametrize("generate", GENERATORS)
+def test_layout_sizes_and_instances(tmp_path, generate):
+    root = generate(tmp_path / "d", seed=0, n_train=6, n_val=1, n_test=1)
+    manifest = json.loads((root / "DONE.json").read_text())
+    assert manifest["params"] == {"n_train": 6, "n_val": 1, "n_test": 1, "seed": 0}
+    records, skipped = scan_folder(root, "train")
+    assert len(records) == 6 and skipped == []
+    sizes, counts = set(), []
+    for record in records:
+        with Image.open(record.image_path) as im:
+            assert im.mode == "RGB"
+            sizes.add(im.size)
+            assert all(192 <= side <= 320 for side in im.size)
+        raw = np.asarray(Image.open(record.mask_path))
+        assert raw.dtype == np.uint16 and raw.shape == (im.size[1], im.size[0])
+        inst = load_instance_mask(record.mask_path)
+        counts.append(int(inst.max()))
+        if inst.max():
+            assert np.bincount(inst.ravel())[1:].min() >= 16
+    assert len(sizes) > 1
+    assert sum(c >= 1 for c in counts) >= 5
+    assert manifest["stats"]["train"]["instances"] == sum(counts)
+
+
+def test_ensure_skips_when_done_and_regenerates_on_change(tmp_path):
+    out = tmp_path / "pcb"
+    ensure_pcb_dataset(out, seed=1, **SMALL)
+    marker = out / "train" / "images" / "train_0000.png"
+    stamp = marker.stat().st_mtime_ns
+    assert ensure_pcb_dataset(out, seed=1, **SMALL) == out.absolute()
+    assert marker.stat().st_mtime_ns == stamp
+    ensure_pcb_dataset(out, seed=2, **SMALL)
+    assert json.loads((out / "DONE.json").read_text())["params"]["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pcb"]  # no temp or old dirs left
+
+
+def test_ensure_refuses_folder_without_manifest(tmp_path):
+    out = ensure_medical_dataset(tmp_path / "med", seed=0, **SMALL)
+    (out / "DONE.json").unlink()
+    (out / "train" / "images" / "train_0000.png").unlink()
+    with pytest.raises(DataError, match="refusing to overwrite"):  # no manifest: may be the user's
+        ensure_medical_dataset(out, seed=0, **SMALL)
+
+
+def test_never_overwrites_foreign_folder(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="refusing to overwrite"):
+        generate_pcb_dataset(out, **SMALL)
+    assert (out / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (generate_medical_dataset(empty, **SMALL) / "DONE.json").is_file()

@@ -21,6 +21,7 @@ from samtune.data.records import ImageRecord, load_record
 from samtune.data.sources import build_records
 from samtune.evaluation.evaluator import EvalResult, evaluate_model
 from samtune.evaluation.report import save_overlays, write_report
+from samtune.evaluation.zoom import ZoomConfig
 from samtune.model.checkpoint import save_sam_weights
 from samtune.model.factory import build_model
 from samtune.model.promptable_sam import PromptableSam
@@ -92,6 +93,16 @@ def fixed_prompts(cfg: DictConfig, run_dir: Path, records: list[ImageRecord]) ->
     return prompts, path
 
 
+def zoom_config(cfg: DictConfig) -> ZoomConfig | None:
+    """``eval.zoom``: null (whole image), a context factor, or a mapping of :class:`ZoomConfig` fields."""
+    z = cfg.eval.get("zoom")
+    if z is None or z is False:
+        return None
+    if isinstance(z, (int, float)):
+        return ZoomConfig(context=float(z), min_frac=float(cfg.eval.get("zoom_min_frac", 0.2)))
+    return ZoomConfig(**OmegaConf.to_container(z))
+
+
 def run_eval(cfg: DictConfig, run_dir: Path, model: PromptableSam, name: str, records, prompts) -> EvalResult:
     """Evaluate and cache the result in ``eval/<name>.json`` so a resumed run does not redo it."""
     cache = run_dir / "eval" / f"{name}.json"
@@ -103,7 +114,7 @@ def run_eval(cfg: DictConfig, run_dir: Path, model: PromptableSam, name: str, re
     result = evaluate_model(
         model, records, prompts, name=name, modes=list(cfg.eval.modes),
         binary_as_one_object=bool(cfg.data.binary_as_one_object), save_masks=bool(cfg.eval.save_masks),
-        keep_masks=keep,
+        keep_masks=keep, zoom=zoom_config(cfg),
     )
     atomic_write_json(cache, {"summary": result.summary, "rows": result.rows})
     log.info("%s: %s", name, {m: round(v["miou"], 4) for m, v in result.summary.items()})
@@ -188,7 +199,7 @@ def train(cfg: DictConfig) -> dict:
         "experiment": cfg.get("task_name"), "data_root": str(root), "split": cfg.eval.split,
         "n_images": len(test_records), "model_type": cfg.model.type, "checkpoint": cfg.model.get("checkpoint"),
         "prompts_file": str(prompts_path), "prompt_seed": int(cfg.eval.prompt_seed),
-        "eval_note": "full image, SamPredictor preprocessing", "run_dir": str(run_dir),
+        "eval_note": zoom_config(cfg).describe() if zoom_config(cfg) else "whole image, SamPredictor preprocessing", "run_dir": str(run_dir),
     }
     report = write_report(run_dir, results, skipped_files=skipped, meta=meta, overlays=overlays)
     for name in ("zero_shot", "finetuned"):

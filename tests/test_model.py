@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from samtune.model import ARCHITECTURES, CheckpointError, build_model, build_sam_from_arch, infer_arch, save_sam_weights
+from samtune.model import (
+    ARCHITECTURES,
+    CheckpointError,
+    build_model,
+    build_sam_from_arch,
+    infer_arch,
+    save_sam_weights,
+)
 from samtune.model.checkpoint import check_state_dict, read_state_dict
 
 

@@ -16,6 +16,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from samtune.data.records import ImageRecord, load_record
+from samtune.evaluation.zoom import ZoomConfig, predict_prompts_zoomed
 from samtune.metrics import InstanceMaskMetrics, instance_iou_dice
 from samtune.model.promptable_sam import PromptableSam
 from samtune.utils.progress import progress
@@ -95,6 +96,7 @@ def evaluate_model(
     binary_as_one_object: bool = False,
     save_masks: bool = False,
     keep_masks: Iterable[str] = (),
+    zoom: ZoomConfig | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``records`` with the fixed ``prompts`` (keyed by record ``rel_path``).
 
@@ -107,6 +109,7 @@ def evaluate_model(
         binary_as_one_object: Mask interpretation, as for training.
         save_masks: Put the predicted mask's COCO RLE in each row.
         keep_masks: rel_paths whose predicted masks are returned for overlays.
+        zoom: Segment each prompt in a zoomed crop of its neighbourhood (None: the whole image).
     """
     modes = list(modes)
     unknown = [m for m in modes if m not in MODES]
@@ -124,14 +127,18 @@ def evaluate_model(
         inst_prompts = prompts[record.rel_path]
         if not inst_prompts:
             continue
-        x, input_size, original_size = model.prepare_image(image)
-        embedding = model.embed(x)
+        if zoom is None:
+            x, input_size, original_size = model.prepare_image(image)
+            embedding = model.embed(x)
         gt_all = torch.from_numpy(instances)
         for mode in modes:
-            kept = np.zeros(original_size, np.int32) if record.rel_path in keep else None
-            for sl, masks, pred_iou in predict_prompts(
-                model, embedding, inst_prompts, mode, input_size=input_size, original_size=original_size
-            ):
+            kept = np.zeros(instances.shape, np.int32) if record.rel_path in keep else None
+            if zoom is None:
+                chunks = predict_prompts(model, embedding, inst_prompts, mode, input_size=input_size,
+                                         original_size=original_size)
+            else:
+                chunks = predict_prompts_zoomed(model, image, inst_prompts, mode, multimask=MULTIMASK[mode], cfg=zoom)
+            for sl, masks, pred_iou in chunks:
                 chunk = inst_prompts[sl]
                 gt = torch.stack([gt_all == p["instance"] for p in chunk])
                 iou, dice = instance_iou_dice(masks, gt)

@@ -109,6 +109,7 @@ class SamTuneModule(L.LightningModule):
                 idx = group.index
                 gt_g, gt_g_cpu = gt[idx.to(gt.device)], gt_cpu[idx]
                 group = group.to(self.device)
+                pred = prev = None  # previous round's binary mask (input frame) and low-res logits
                 for step in ["initial", *self.simulator.rounds()]:
                     if step == "click":
                         group = self.simulator.correct(group.to("cpu"), pred, gt_g_cpu, prev, generator=gen).to(self.device)

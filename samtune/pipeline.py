@@ -2,14 +2,19 @@
 
 1. scan and validate the dataset (generating the built-in one on first use);
 2. build the model and load its starting checkpoint;
-3. fix the evaluation prompts (``prompts.json``) and evaluate the starting model ("zero_shot");
+3. fix the evaluation prompts (``prompts.json``) and evaluate the starting model ("zero_shot"), on the
+   evaluation split and on the ``eval.extra_sets``;
 4. fine-tune with Lightning (resumable);
 5. evaluate the fine-tuned model on the same prompts ("finetuned") and write the report.
+
+``evaluate(cfg)`` (``scripts/evaluate.py``) is the same without step 4: it evaluates ``model.checkpoint`` and,
+with ``finetuned=PATH``, a second checkpoint on the same prompts.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -17,20 +22,20 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from samtune.data.records import ImageRecord, load_record
+from samtune.data.records import ImageRecord
 from samtune.data.sources import build_records
-from samtune.evaluation.evaluator import EvalResult, evaluate_model
-from samtune.evaluation.report import save_overlays, write_report
-from samtune.evaluation.zoom import ZoomConfig
-from samtune.model.checkpoint import save_sam_weights
+from samtune.evaluation.job import MAIN, EvalJob, EvalSet, report_metrics
+from samtune.model.checkpoint import load_sam_weights, save_sam_weights
 from samtune.model.factory import build_model
+from samtune.model.lora import has_lora, merge_lora
 from samtune.model.promptable_sam import PromptableSam
-from samtune.prompts import PromptPolicy, PromptSimulator, load_prompts, make_instance_prompts, save_prompts
+from samtune.prompts import PromptPolicy, PromptSimulator
+from samtune.training.cache_setup import setup_embedding_cache
 from samtune.training.datamodule import SamDataModule
+from samtune.training.distributed import is_global_zero
 from samtune.training.module import SamTuneModule
 from samtune.training.run_dir import find_resumable_run
-from samtune.utils.io import atomic_write_json, atomic_write_text, read_json
-from samtune.utils.progress import progress
+from samtune.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -44,90 +49,128 @@ def resolve_precision(precision: str | int) -> str | int:
     return "32-true"
 
 
-def prepare_data(cfg: DictConfig) -> tuple[Path, dict[str, list[ImageRecord]], list[dict]]:
-    """Generate the built-in dataset if configured, then scan train/val/test records."""
-    d = cfg.data
-    if d.root is None or str(d.root) in ("", "???"):
-        raise ValueError("data.root is not set: pass data.root=DIR (see README: your own dataset)")
+def dataset_root(d: DictConfig, where: str = "data") -> Path:
+    """The root of the dataset that data config ``d`` describes, generating the built-in one on first use.
+
+    Args:
+        d: A data config (``root``, optional ``generator`` and ``generator_params``).
+        where: Its config path, for error messages (``data``, ``eval.extra_sets[0]``).
+    """
+    if OmegaConf.is_missing(d, "root") or d.get("root") is None or str(d.root) == "":
+        raise ValueError(f"{where}.root is not set: pass {where}.root=DIR (see README: your own dataset)")
     root = Path(hydra.utils.to_absolute_path(str(d.root)))
     if d.get("generator"):
-        from samtune.data import synthetic_medical, synthetic_pcb
+        from samtune.data import synthetic_medical, synthetic_pcb, synthetic_scenes
 
-        makers = {"pcb": synthetic_pcb.ensure_pcb_dataset, "medical": synthetic_medical.ensure_medical_dataset}
+        makers = {
+            "pcb": synthetic_pcb.ensure_pcb_dataset,
+            "medical": synthetic_medical.ensure_medical_dataset,
+            "scenes": synthetic_scenes.ensure_scenes_dataset,
+        }
         if d.generator not in makers:
-            raise ValueError(f"data.generator={d.generator!r} is not one of {sorted(makers)}")
+            raise ValueError(f"{where}.generator={d.generator!r} is not one of {sorted(makers)}")
         makers[d.generator](root, **OmegaConf.to_container(d.get("generator_params") or {}))
+    return root
+
+
+def scan_split(d: DictConfig, root: Path, split: str) -> tuple[list[ImageRecord], list[dict]]:
+    """Records of one split of the dataset that data config ``d`` describes, and the files skipped."""
+    recs, bad = build_records(
+        d.source, root, split, skip_invalid=bool(d.skip_invalid), binary_as_one_object=bool(d.binary_as_one_object)
+    )
+    log.info("%s split %s of %s: %d images%s", d.source, split, root, len(recs), f", {len(bad)} skipped" if bad else "")
+    return recs, bad
+
+
+def prepare_data(cfg: DictConfig, *, training: bool = True) -> tuple[Path, dict[str, list[ImageRecord]], list[dict]]:
+    """Generate the built-in dataset if configured, then scan its splits.
+
+    Returns:
+        (root, records, skipped files): records under ``train_split`` / ``val_split`` / ``test_split`` (only when
+        ``training``) and ``eval`` (the ``eval.split`` split, any folder of the dataset).
+    """
+    d = cfg.data
+    root = dataset_root(d)
     records: dict[str, list[ImageRecord]] = {}
     skipped: list[dict] = []
-    for key in ("train_split", "val_split", "test_split"):
+    keys = ("train_split", "val_split", "test_split") if training else ()
+    for key in keys:
         split = d[key]
         if key == "val_split" and not (root / split).is_dir():
             log.warning("No %s split under %s: training runs without validation.", split, root)
             records[key] = []
             continue
-        recs, bad = build_records(
-            d.source, root, split, skip_invalid=bool(d.skip_invalid), binary_as_one_object=bool(d.binary_as_one_object)
-        )
-        records[key], skipped = recs, skipped + bad
-        log.info("%s split %s: %d images%s", d.source, split, len(recs), f", {len(bad)} skipped" if bad else "")
+        records[key], bad = scan_split(d, root, split)
+        skipped += bad
+    scanned = {d[k]: k for k in keys if (root / d[k]).is_dir()}
+    if cfg.eval.split in scanned:
+        records["eval"] = records[scanned[cfg.eval.split]]
+    else:
+        records["eval"], bad = scan_split(d, root, str(cfg.eval.split))
+        skipped += bad
     return root, records, skipped
 
 
-def fixed_prompts(cfg: DictConfig, run_dir: Path, records: list[ImageRecord]) -> tuple[dict, Path]:
-    """Prompts shared by every evaluated model: from ``eval.prompts_file``, the run's ``prompts.json``, or new."""
-    if cfg.eval.get("prompts_file"):
-        path = Path(hydra.utils.to_absolute_path(str(cfg.eval.prompts_file)))
-        prompts = load_prompts(path)
-        missing = [r.rel_path for r in records if r.rel_path not in prompts]
-        if missing:
-            raise ValueError(f"eval.prompts_file={path} has no prompts for {len(missing)} images, e.g. {missing[:3]}")
-        return prompts, path
-    path = run_dir / "prompts.json"
-    if path.exists():
-        return load_prompts(path), path
-    prompts = {}
-    for r in progress(records, desc="prompts"):
-        _, instances = load_record(r, binary_as_one_object=bool(cfg.data.binary_as_one_object))
-        prompts[r.rel_path] = make_instance_prompts(instances, seed=int(cfg.eval.prompt_seed), key=r.rel_path)
-    save_prompts(path, prompts, seed=int(cfg.eval.prompt_seed))
-    return prompts, path
+EXTRA_SET_DEFAULTS = {
+    "name": None, "source": "folder", "root": None, "split": "test", "generator": None, "generator_params": {},
+    "binary_as_one_object": False, "skip_invalid": False, "modes": None, "prompts_file": None,
+}
 
 
-def zoom_config(cfg: DictConfig) -> ZoomConfig | None:
-    """``eval.zoom``: null (whole image), a context factor, or a mapping of :class:`ZoomConfig` fields."""
-    z = cfg.eval.get("zoom")
-    if z is None or z is False:
-        return None
-    if isinstance(z, (int, float)):
-        return ZoomConfig(context=float(z), min_frac=float(cfg.eval.get("zoom_min_frac", 0.2)))
-    return ZoomConfig(**OmegaConf.to_container(z))
-
-
-def run_eval(cfg: DictConfig, run_dir: Path, model: PromptableSam, name: str, records, prompts) -> EvalResult:
-    """Evaluate and cache the result in ``eval/<name>.json`` so a resumed run does not redo it."""
-    cache = run_dir / "eval" / f"{name}.json"
-    if cache.exists():
-        data = read_json(cache)
-        log.info("Reusing %s evaluation from %s", name, cache)
-        return EvalResult(summary=data["summary"], rows=data["rows"])
-    keep = [r.rel_path for r in records[: int(cfg.eval.overlays)]]
-    result = evaluate_model(
-        model, records, prompts, name=name, modes=list(cfg.eval.modes),
-        binary_as_one_object=bool(cfg.data.binary_as_one_object), save_masks=bool(cfg.eval.save_masks),
-        keep_masks=keep, zoom=zoom_config(cfg),
-    )
-    atomic_write_json(cache, {"summary": result.summary, "rows": result.rows})
-    log.info("%s: %s", name, {m: round(v["miou"], 4) for m, v in result.summary.items()})
-    return result
+def eval_sets(cfg: DictConfig, root: Path, records: dict, skipped: list[dict]) -> list[EvalSet]:
+    """The evaluation split of ``data`` (first), then each ``eval.extra_sets`` entry (the forgetting check)."""
+    ev = cfg.eval
+    prompts_file = Path(hydra.utils.to_absolute_path(str(ev.prompts_file))) if ev.get("prompts_file") else None
+    sets = [EvalSet(MAIN, root, str(ev.split), records["eval"], skipped, bool(cfg.data.binary_as_one_object),
+                    list(ev.modes), prompts_file)]
+    for i, spec in enumerate(ev.get("extra_sets") or []):
+        where = f"eval.extra_sets[{i}]"
+        if not isinstance(spec, DictConfig):
+            raise ValueError(f"{where} must be a mapping like {{name: scenes, source: folder, root: DIR, split: test}}")
+        unknown = sorted(set(spec) - set(EXTRA_SET_DEFAULTS))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; valid: {sorted(EXTRA_SET_DEFAULTS)}")
+        d = OmegaConf.merge(EXTRA_SET_DEFAULTS, spec)
+        name = str(d.name or "")
+        if not name.replace("_", "").replace("-", "").isalnum() or name == MAIN or name in {s.name for s in sets}:
+            raise ValueError(f"{where}.name={d.name!r}: give each extra set a unique name of letters, digits, - or _")
+        set_root = dataset_root(d, where)
+        recs, bad = scan_split(d, set_root, str(d.split))
+        pf = Path(hydra.utils.to_absolute_path(str(d.prompts_file))) if d.prompts_file else None
+        sets.append(EvalSet(name, set_root, str(d.split), recs, bad, bool(d.binary_as_one_object),
+                            list(d.modes) if d.modes else list(ev.modes), pf))
+    return sets
 
 
 def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, resume_ckpt: Path | None) -> dict:
-    """Fine-tune ``model`` in place; return the best validation score and checkpoint paths."""
+    """Fine-tune ``model`` in place; return the best validation score and checkpoint paths.
+
+    With ``finetune=lora`` the adapters are merged into the base weights at the end, so ``model`` is a
+    plain SAM again: what is evaluated is exactly what ``finetuned_sam.pth`` holds.
+
+    Under DDP every rank runs this; ranks other than global rank 0 return right after training.
+    """
+    precision = resolve_precision(cfg.trainer.precision)
+    zoom_crop = OmegaConf.to_container(cfg.data.zoom_crop) if cfg.data.get("zoom_crop") else None
+    # Frozen encoder: each image's embedding is computed once and read from disk afterwards (cache.*).
+    cache, views = setup_embedding_cache(
+        cfg.get("cache"), mode=str(cfg.finetune.get("mode", "decoder_only")), model=model,
+        model_type=str(cfg.model.type), arch=cfg.model.get("arch"), precision=precision,
+        augment=str(cfg.data.augment), zoom_crop=zoom_crop,
+    )
     datamodule = SamDataModule(
         records["train_split"], records["val_split"], img_size=model.img_size, augment=cfg.data.augment,
         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, max_instances=cfg.data.max_instances,
-        binary_as_one_object=bool(cfg.data.binary_as_one_object),
+        binary_as_one_object=bool(cfg.data.binary_as_one_object), zoom_crop=zoom_crop,
+        cache_keys=cache is not None, views=views,
     )
+    # Where the starting weights come from: recorded in the training checkpoints, which leave frozen weights out.
+    base = cfg.model.get("checkpoint")
+    base_record = {
+        "model_type": str(cfg.model.type), "arch": OmegaConf.to_container(cfg.model.arch) if cfg.model.get("arch") else {},
+        "seed": int(cfg.seed),
+        "base_checkpoint": str(Path(hydra.utils.to_absolute_path(str(base))).resolve()) if base else None,
+    }
     module = SamTuneModule(
         model,
         simulator=PromptSimulator(PromptPolicy(**OmegaConf.to_container(cfg.prompts))),
@@ -135,6 +178,8 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         seed=int(cfg.seed),
+        checkpoint_meta=base_record,
+        embedding_cache=cache,
         **OmegaConf.to_container(cfg.finetune),
     )
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
@@ -144,27 +189,38 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
                 c.monitor = None
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=resolve_precision(cfg.trainer.precision),
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # DDP ends here: rank 0 evaluates alone (torchmetrics would wait for ranks that have returned).
+        torch.distributed.destroy_process_group()
+    if not trainer.is_global_zero:
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     ckpt_cb = trainer.checkpoint_callback
     best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb else ""
     score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb else None
     if cfg.eval.use_best and best and not cfg.trainer.get("fast_dev_run"):
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
+        module.load_training_checkpoint(best)  # completes checkpoints that leave frozen weights out
         log.info("Evaluating the best validation checkpoint %s (val/miou=%s)", best, score)
+    if has_lora(model.sam):
+        merge_lora(model.sam)
+        log.info("Merged the LoRA adapters into the image encoder's weights")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if score is not None:
         metrics["val/miou_best"] = float(score)
     return metrics
 
 
-def train(cfg: DictConfig) -> dict:
-    """Run the job that ``cfg`` describes; return its metrics (``val/miou`` for sweepers)."""
+def start_run(cfg: DictConfig, *, allow_resume: bool = True) -> tuple[Path, Path | None]:
+    """Create the run directory (or find the run that ``resume`` continues), save the resolved config, seed.
+
+    Returns:
+        (run directory, Lightning checkpoint to resume from or None).
+    """
     run_dir = Path(cfg.paths.output_dir)
     resume_ckpt = None
-    if cfg.get("resume"):
+    if allow_resume and cfg.get("resume"):
         found = find_resumable_run(cfg.resume, run_dir)
         if found is not None:
             run_dir, resume_ckpt = found
@@ -175,36 +231,63 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(int(cfg.seed), workers=True)
+    return run_dir, resume_ckpt
 
+
+def start_model(cfg: DictConfig) -> PromptableSam:
+    """The model of ``cfg.model`` with its starting checkpoint."""
+    return build_model(cfg.model.type, checkpoint=cfg.model.get("checkpoint"), arch=cfg.model.get("arch"),
+                       seed=int(cfg.seed))
+
+
+def finish_run(run_dir: Path, job: EvalJob, metrics: dict, meta: dict | None = None) -> dict:
+    """Write the report and ``metrics.json`` (what ``scripts/summarize.py`` reads); return all metrics."""
+    report = job.write_report(meta)
+    metrics = {**metrics, **report_metrics(report)}
+    atomic_write_json(run_dir / "metrics.json", {k: (None if v != v else v) for k, v in metrics.items()})
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()  # the next job of a multirun must not log into this run
+    log.info("Report written to %s", run_dir / "report.md")
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run the job that ``cfg`` describes; return its metrics (``val/miou`` for sweepers).
+
+    Under DDP (``trainer=ddp``) only global rank 0 evaluates and writes the report; other ranks only train.
+    """
+    run_dir, resume_ckpt = start_run(cfg)
     root, records, skipped = prepare_data(cfg)
-    split_keys = {cfg.data[k]: k for k in ("train_split", "val_split", "test_split")}
-    if cfg.eval.split not in split_keys:
-        raise ValueError(f"eval.split={cfg.eval.split!r} is none of the data splits {sorted(split_keys)}")
-    test_records = records[split_keys[cfg.eval.split]]
-    model = build_model(cfg.model.type, checkpoint=cfg.model.get("checkpoint"), arch=cfg.model.get("arch"), seed=int(cfg.seed))
-    prompts, prompts_path = fixed_prompts(cfg, run_dir, test_records)
-
-    results = {"zero_shot": run_eval(cfg, run_dir, model, "zero_shot", test_records, prompts)}
+    model = start_model(cfg)
+    if not is_global_zero():  # a DDP rank > 0 (started by Lightning's launcher, srun or torchrun)
+        return fit(cfg, run_dir, model, records, resume_ckpt) if cfg.train else {}
+    job = EvalJob(cfg, run_dir, eval_sets(cfg, root, records, skipped))
+    job.evaluate(model, "zero_shot")
     metrics: dict = {}
     if cfg.train:
         metrics = fit(cfg, run_dir, model, records, resume_ckpt)
+        if not is_global_zero():  # Lightning's launcher on another node: known only once DDP is set up
+            return metrics
         save_sam_weights(model.sam, run_dir / "checkpoints" / "finetuned_sam.pth")
-        results["finetuned"] = run_eval(cfg, run_dir, model, "finetuned", test_records, prompts)
-
-    overlays = save_overlays(
-        run_dir / "overlays", test_records[: int(cfg.eval.overlays)],
-        {k: v for k, v in results.items() if v.masks}, binary_as_one_object=bool(cfg.data.binary_as_one_object),
-    )
-    meta = {
-        "experiment": cfg.get("task_name"), "data_root": str(root), "split": cfg.eval.split,
-        "n_images": len(test_records), "model_type": cfg.model.type, "checkpoint": cfg.model.get("checkpoint"),
-        "prompts_file": str(prompts_path), "prompt_seed": int(cfg.eval.prompt_seed),
-        "eval_note": zoom_config(cfg).describe() if zoom_config(cfg) else "whole image, SamPredictor preprocessing", "run_dir": str(run_dir),
-    }
-    report = write_report(run_dir, results, skipped_files=skipped, meta=meta, overlays=overlays)
-    for name in ("zero_shot", "finetuned"):
-        for mode, v in report.get(name, {}).items():
-            metrics[f"test/{name}/{mode}_miou"] = v["miou"]
+        job.evaluate(model, "finetuned")
     metrics.setdefault("val/miou", metrics.get("val/miou_best", float("nan")))
-    log.info("Report written to %s", run_dir / "report.md")
-    return metrics
+    return finish_run(run_dir, job, metrics)
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Evaluate ``model.checkpoint`` (as ``zero_shot``) and optionally ``finetuned=PATH`` (as ``finetuned``) on
+    ``eval.split`` and the extra sets; write the same report as training. Returns the test figures."""
+    run_dir, _ = start_run(cfg, allow_resume=False)
+    root, records, skipped = prepare_data(cfg, training=False)
+    model = start_model(cfg)
+    job = EvalJob(cfg, run_dir, eval_sets(cfg, root, records, skipped))
+    job.evaluate(model, "zero_shot")
+    meta = {}
+    if cfg.get("finetuned"):
+        path = Path(hydra.utils.to_absolute_path(str(cfg.finetuned)))
+        load_sam_weights(model.sam, path, model_type=cfg.model.type)
+        log.info("Loaded the fine-tuned weights %s", path)
+        job.evaluate(model, "finetuned")
+        meta["finetuned_checkpoint"] = str(path)
+    return finish_run(run_dir, job, {}, meta)

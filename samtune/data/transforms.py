@@ -6,6 +6,8 @@ feeds the image encoder at inference time.
 
 from __future__ import annotations
 
+import hashlib
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -15,6 +17,10 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+# Names the preprocessing below (resize longest side with segment_anything's ResizeLongestSide, normalise
+# with PIXEL_MEAN/PIXEL_STD, zero-pad bottom/right); change it when that preprocessing changes, so that
+# cached image embeddings (samtune.model.embedding_cache) computed with the old one are not reused.
+PREPROCESS_VERSION = "sam-resize-longest-side/normalize/pad-br:1"
 AUGMENT_PRESETS = ("none", "light", "default", "strong")
 
 
@@ -118,3 +124,22 @@ def normalize_and_pad(image_resized: np.ndarray, size: int) -> torch.Tensor:
     mean = torch.tensor(PIXEL_MEAN).view(-1, 1, 1)
     std = torch.tensor(PIXEL_STD).view(-1, 1, 1)
     return F.pad((x - mean) / std, (0, size - width, 0, size - height))
+
+
+def image_content_key(image_resized: np.ndarray) -> str:
+    """Content hash of the resized image that the encoder sees (before normalisation and padding).
+
+    The key of an image in the embedding cache: two images share it only when their pixels after
+    resizing are identical, whatever their file names or paths.
+
+    Args:
+        image_resized: ``h'xw'x3`` ``uint8`` RGB, as returned by :func:`resize_longest_side`.
+
+    Returns:
+        32 hex characters (blake2b-128 over dtype, shape and pixels).
+    """
+    a = np.ascontiguousarray(image_resized)
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{a.dtype.str}{a.shape}".encode())
+    digest.update(a.data)
+    return digest.hexdigest()

@@ -1,37 +1,50 @@
 """Evaluate a model on fixed prompts, exactly as ``SamPredictor`` would run it.
 
-Each image is resized, normalised and padded as ``SamPredictor.set_image`` does and embedded once;
-all prompts of one mode are decoded in one batched call (chunked for memory); masks are
-post-processed back to the original image size and thresholded at SAM's ``mask_threshold``.
+Each image is resized, normalised and padded as ``SamPredictor.set_image`` does and embedded once; all
+prompts of one mode are decoded in one batched call (chunked for memory); masks are post-processed back to
+the original image size and thresholded at SAM's ``mask_threshold``.
+
+Modes: ``box``, ``point1``, ``point3`` (the fixed prompts of ``prompts.json``), ``clicks`` (iterative
+corrective clicks, :mod:`samtune.evaluation.clicks`) and ``auto`` (automatic mask generation matched to the
+ground truth, :mod:`samtune.evaluation.auto`). Every mode also records the IoU head's calibration: predicted
+against true IoU of each mask.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 
 from samtune.data.records import ImageRecord, load_record
-from samtune.evaluation.zoom import ZoomConfig, predict_prompts_zoomed
-from samtune.metrics import InstanceMaskMetrics, instance_iou_dice
+from samtune.evaluation.auto import build_mask_generator, encode_masks, generate_masks, match_to_ground_truth
+from samtune.evaluation.clicks import model_click_predictor, run_clicks
+from samtune.evaluation.decoding import MULTIMASK, decode_prompts, predict_prompts  # noqa: F401 (re-export)
+from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
+from samtune.metrics import ClickMetrics, InstanceMaskMetrics, calibration, instance_iou_dice
 from samtune.model.promptable_sam import PromptableSam
 from samtune.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
-MODES = ("box", "point1", "point3")
-MULTIMASK = {"box": False, "point1": True, "point3": False}
+PROMPT_MODES = ("box", "point1", "point3")
+MODES = (*PROMPT_MODES, "clicks", "auto")
+CHUNK = 32  # instances decoded per call (bounds memory on images with many instances)
 
 
 def encode_rle(mask: np.ndarray) -> dict:
     """COCO RLE (compressed, counts as str) of an H x W boolean mask."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
+    return encode_masks([mask])[0]
+
+
+def map_path(map_dir: Path, rel_path: str) -> Path:
+    """Where the predicted instance map of image ``rel_path`` is stored (uint16 PNG)."""
+    return map_dir / f"{rel_path}.png"
 
 
 @dataclass
@@ -39,50 +52,47 @@ class EvalResult:
     """Outcome of evaluating one model.
 
     Attributes:
-        summary: mode -> {"miou", "dice", "n"}.
+        summary: mode -> {"miou", "dice", "n", ...}; ``clicks`` adds ``miou_at`` (clicks k -> mIoU), ``noc85``,
+            ``noc90``, ``nof85``, ``nof90``, ``max_clicks``; ``auto`` adds ``precision50``, ``recall50``,
+            ``f1_50``, ``n_pred``.
         rows: one dict per (mode, instance), as written to ``instances.jsonl``.
-        masks: rel_path -> mode -> H x W int32 map of predicted masks (only for ``keep_masks`` images).
+        calibration: mode -> {"spearman", "ece", "n"} between predicted and true IoU.
     """
 
-    summary: dict[str, dict[str, float]]
+    summary: dict[str, dict]
     rows: list[dict] = field(default_factory=list)
-    masks: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    calibration: dict[str, dict] = field(default_factory=dict)
 
 
-def _prompt_tensors(prompts: list[dict], mode: str) -> dict:
-    if mode == "box":
-        return {"boxes": torch.tensor([p["box"] for p in prompts], dtype=torch.float)}
-    coords = torch.tensor([p[mode]["points"] for p in prompts], dtype=torch.float)
-    labels = torch.tensor([p[mode]["labels"] for p in prompts], dtype=torch.int)
-    return {"coords": coords, "labels": labels}
+@dataclass
+class _Tally:
+    """Per-mode accumulators."""
+
+    metric: InstanceMaskMetrics | ClickMetrics
+    pred_iou: list[float] = field(default_factory=list)
+    true_iou: list[float] = field(default_factory=list)
+    tp: int = 0
+    n_pred: int = 0
 
 
-@torch.no_grad()
-def predict_prompts(
-    model: PromptableSam,
-    embedding: torch.Tensor,
-    prompts: list[dict],
-    mode: str,
-    *,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    chunk: int = 32,
-) -> Iterable[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """Yield (slice of ``prompts``, masks n x H x W bool at original size, predicted IoU n) chunk by chunk."""
-    tensors = _prompt_tensors(prompts, mode)
-    dev = model.device
-    for start in range(0, len(prompts), chunk):
-        sl = slice(start, start + chunk)
-        kwargs = {}
-        if "boxes" in tensors:
-            kwargs["boxes"] = model.boxes_to_input(tensors["boxes"][sl], original_size).to(dev)
-        else:
-            coords = model.coords_to_input(tensors["coords"][sl], original_size).to(dev)
-            kwargs["points"] = (coords, tensors["labels"][sl].to(dev))
-        logits, iou = model.decode(embedding, **kwargs)
-        chosen, pred_iou = PromptableSam.select_output(logits, iou, MULTIMASK[mode])
-        masks = model.postprocess(chosen.float(), input_size, original_size)[:, 0] > model.sam.mask_threshold
-        yield sl, masks.cpu(), pred_iou.float().cpu()
+def _check_modes(modes: list[str], zoom: ZoomConfig | None, max_clicks: int) -> None:
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"eval.modes: unknown prompt modes {unknown}; valid: {list(MODES)}")
+    if zoom is not None and "clicks" in modes:
+        raise ValueError("eval.modes=clicks does not support eval.zoom (each click would need its own crop): "
+                         "evaluate clicks with eval.zoom=null, or drop clicks from eval.modes")
+    if "clicks" in modes and max_clicks < 1:
+        raise ValueError(f"eval.max_clicks must be >= 1, got {max_clicks}")
+
+
+def _row(name: str, mode: str, rel_path: str, instance: int, prompt: dict | None, iou: float, dice: float,
+         pred_iou: float | None) -> dict:
+    return {
+        "model": name, "mode": mode, "image": rel_path, "instance": int(instance), "prompt": prompt,
+        "iou": round(float(iou), 6), "dice": round(float(dice), 6),
+        "pred_iou": None if pred_iou is None else round(float(pred_iou), 6),
+    }
 
 
 @torch.no_grad()
@@ -92,11 +102,14 @@ def evaluate_model(
     prompts: dict[str, list[dict]],
     *,
     name: str,
-    modes: Iterable[str] = MODES,
+    modes: Iterable[str] = PROMPT_MODES,
     binary_as_one_object: bool = False,
     save_masks: bool = False,
-    keep_masks: Iterable[str] = (),
     zoom: ZoomConfig | None = None,
+    max_clicks: int = 20,
+    auto_params: Mapping | None = None,
+    map_dir: Path | None = None,
+    map_mode: str = "box",
 ) -> EvalResult:
     """Evaluate ``model`` on ``records`` with the fixed ``prompts`` (keyed by record ``rel_path``).
 
@@ -105,60 +118,140 @@ def evaluate_model(
         records: Images to evaluate.
         prompts: rel_path -> list of per-instance prompt dicts (see ``samtune.prompts.eval_prompts``).
         name: Model label written in each row (``zero_shot`` / ``finetuned``).
-        modes: Prompt modes to run.
+        modes: Modes to run (:data:`MODES`).
         binary_as_one_object: Mask interpretation, as for training.
         save_masks: Put the predicted mask's COCO RLE in each row.
-        keep_masks: rel_paths whose predicted masks are returned for overlays.
-        zoom: Segment each prompt in a zoomed crop of its neighbourhood (None: the whole image).
+        zoom: Segment each prompt in a zoomed crop of its neighbourhood (None: the whole image); not for clicks.
+        max_clicks: Clicks per instance in ``clicks`` mode.
+        auto_params: ``SamAutomaticMaskGenerator`` parameters for ``auto`` mode.
+        map_dir: If set, each image's predicted instance map for ``map_mode`` is written there (uint16 PNG,
+            see :func:`map_path`), for overlays and worst-case pictures.
+        map_mode: The prompt mode whose masks go to ``map_dir``.
     """
     modes = list(modes)
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ValueError(f"eval.modes: unknown prompt modes {unknown}; valid: {list(MODES)}")
-    keep = set(keep_masks)
+    _check_modes(modes, zoom, max_clicks)
     was_training = model.training
     model.eval()
-    metrics = {m: InstanceMaskMetrics() for m in modes}
+    tallies = {m: _Tally(ClickMetrics(max_clicks) if m == "clicks" else InstanceMaskMetrics()) for m in modes}
+    generator = build_mask_generator(model, auto_params) if "auto" in modes else None
     result = EvalResult(summary={})
     for record in progress(records, desc=f"eval {name}"):
         if record.rel_path not in prompts:
             raise KeyError(f"prompts file has no entry for image {record.rel_path}")
         image, instances = load_record(record, binary_as_one_object=binary_as_one_object)
         inst_prompts = prompts[record.rel_path]
-        if not inst_prompts:
-            continue
-        if zoom is None:
+        embedded = None
+        if inst_prompts and (zoom is None and any(m in PROMPT_MODES for m in modes) or "clicks" in modes):
             x, input_size, original_size = model.prepare_image(image)
-            embedding = model.embed(x)
-        gt_all = torch.from_numpy(instances)
+            embedded = (model.embed(x), input_size, original_size)
         for mode in modes:
-            kept = np.zeros(instances.shape, np.int32) if record.rel_path in keep else None
-            if zoom is None:
-                chunks = predict_prompts(model, embedding, inst_prompts, mode, input_size=input_size,
-                                         original_size=original_size)
+            tally = tallies[mode]
+            if mode == "auto":
+                _eval_auto(generator, image, instances, record.rel_path, name, tally, result.rows, save_masks)
+            elif not inst_prompts:
+                continue
+            elif mode == "clicks":
+                _eval_clicks(model, embedded, instances, inst_prompts, record.rel_path, name, max_clicks, tally,
+                             result.rows, save_masks)
             else:
-                chunks = predict_prompts_zoomed(model, image, inst_prompts, mode, multimask=MULTIMASK[mode], cfg=zoom)
-            for sl, masks, pred_iou in chunks:
-                chunk = inst_prompts[sl]
-                gt = torch.stack([gt_all == p["instance"] for p in chunk])
-                iou, dice = instance_iou_dice(masks, gt)
-                metrics[mode].update_values(iou, dice)
-                for j, p in enumerate(chunk):
-                    prompt = {"box": p["box"]} if mode == "box" else dict(p[mode])
-                    row = {
-                        "model": name, "mode": mode, "image": record.rel_path, "instance": int(p["instance"]),
-                        "prompt": prompt, "iou": round(float(iou[j]), 6), "dice": round(float(dice[j]), 6),
-                        "pred_iou": round(float(pred_iou[j]), 6),
-                    }
-                    if save_masks:
-                        row["mask_rle"] = encode_rle(masks[j].numpy())
-                    result.rows.append(row)
-                    if kept is not None:
-                        kept[masks[j].numpy() & (kept == 0)] = int(p["instance"])
-            if kept is not None:
-                result.masks.setdefault(record.rel_path, {})[mode] = kept
-    for mode, metric in metrics.items():
-        res = metric.compute()
-        result.summary[mode] = {"miou": float(res["miou"]), "dice": float(res["dice"]), "n": int(res["n"])}
+                kept = np.zeros(instances.shape, np.int32) if map_dir is not None and mode == map_mode else None
+                _eval_prompted(model, embedded, image, instances, inst_prompts, mode, zoom, record.rel_path, name,
+                               tally, result.rows, save_masks, kept)
+                if kept is not None:
+                    path = map_path(map_dir, record.rel_path)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    cv2.imwrite(str(path), np.clip(kept, 0, 65535).astype(np.uint16))
+    for mode, tally in tallies.items():
+        result.summary[mode] = _summarize(mode, tally, max_clicks)
+        result.calibration[mode] = calibration(np.asarray(tally.pred_iou), np.asarray(tally.true_iou))
     model.train(was_training)
     return result
+
+
+def _eval_prompted(model, embedded, image, instances, inst_prompts, mode, zoom, rel_path, name, tally, rows,
+                   save_masks, kept) -> None:
+    if zoom is None:
+        embedding, input_size, original_size = embedded
+        chunks = decode_prompts(model, embedding, inst_prompts, mode, input_size=input_size,
+                                original_size=original_size, chunk=CHUNK)
+    else:
+        chunks = decode_prompts_zoomed(model, image, inst_prompts, mode, multimask=MULTIMASK[mode], cfg=zoom)
+    gt_all = torch.from_numpy(instances)
+    for pred in chunks:
+        chunk = inst_prompts[pred.index]
+        gt = torch.stack([gt_all == p["instance"] for p in chunk])
+        iou, dice = instance_iou_dice(pred.masks, gt)
+        tally.metric.update_values(iou, dice)
+        tally.pred_iou += pred.pred_iou.tolist()
+        tally.true_iou += iou.tolist()
+        for j, p in enumerate(chunk):
+            prompt = {"box": p["box"]} if mode == "box" else dict(p[mode])
+            row = _row(name, mode, rel_path, p["instance"], prompt, iou[j], dice[j], pred.pred_iou[j])
+            if save_masks:
+                row["mask_rle"] = encode_rle(pred.masks[j].numpy())
+            rows.append(row)
+            if kept is not None:
+                kept[pred.masks[j].numpy() & (kept == 0)] = int(p["instance"])
+
+
+def _eval_clicks(model, embedded, instances, inst_prompts, rel_path, name, max_clicks, tally, rows,
+                 save_masks) -> None:
+    embedding, input_size, original_size = embedded
+    predict = model_click_predictor(model, embedding, input_size=input_size, original_size=original_size)
+    gt_all = torch.from_numpy(instances)
+    for start in range(0, len(inst_prompts), CHUNK):
+        chunk = inst_prompts[start : start + CHUNK]
+        gt = torch.stack([gt_all == p["instance"] for p in chunk])
+        first = torch.tensor([p["point1"]["points"][0] for p in chunk], dtype=torch.float)
+        out = run_clicks(predict, gt, first, max_clicks)
+        tally.metric.update(out.ious, out.dices)
+        tally.pred_iou += out.pred_ious.flatten().tolist()
+        tally.true_iou += out.ious.flatten().tolist()
+        for j, p in enumerate(chunk):
+            prompt = {"points": out.coords[j].long().tolist(), "labels": out.labels[j].tolist()}
+            row = _row(name, "clicks", rel_path, p["instance"], prompt, out.ious[j, -1], out.dices[j, -1],
+                       out.pred_ious[j, -1])
+            row["ious"] = [round(float(v), 6) for v in out.ious[j]]
+            row["pred_ious"] = [round(float(v), 6) for v in out.pred_ious[j]]
+            if save_masks:
+                row["mask_rle"] = encode_rle(out.masks[j].numpy())
+            rows.append(row)
+
+
+def _eval_auto(generator, image, instances, rel_path, name, tally, rows, save_masks) -> None:
+    generated = generate_masks(generator, image)
+    pred_rles = encode_masks([m["segmentation"] for m in generated])
+    ids = [int(i) for i in np.unique(instances) if i > 0]
+    gt_rles = encode_masks([instances == i for i in ids])
+    match = match_to_ground_truth(pred_rles, gt_rles)
+    tally.tp += match.true_positives
+    tally.n_pred += len(generated)
+    tally.pred_iou += [float(m["predicted_iou"]) for m in generated]
+    tally.true_iou += match.pred_best_iou.tolist()
+    best = torch.from_numpy(match.best_iou).float()
+    dice = 2 * best / (1 + best)  # of the same pair: Dice = 2 IoU / (1 + IoU)
+    tally.metric.update_values(best, dice)
+    for j, instance in enumerate(ids):
+        k = int(match.best_pred[j])
+        pred_iou = generated[k]["predicted_iou"] if k >= 0 else None
+        row = _row(name, "auto", rel_path, instance, None, best[j], dice[j], pred_iou)
+        if save_masks and k >= 0:
+            row["mask_rle"] = pred_rles[k]
+        rows.append(row)
+
+
+def _summarize(mode: str, tally: _Tally, max_clicks: int) -> dict:
+    res = tally.metric.compute()
+    if mode == "clicks":
+        return {
+            "miou": res["miou_at"][-1], "dice": res["dice_at"][-1], "n": res["n"], "max_clicks": max_clicks,
+            "miou_at": {str(k + 1): v for k, v in enumerate(res["miou_at"])},
+            "noc85": res["noc85"], "noc90": res["noc90"], "nof85": res["nof85"], "nof90": res["nof90"],
+        }
+    out = {"miou": float(res["miou"]), "dice": float(res["dice"]), "n": int(res["n"])}
+    if mode == "auto":
+        precision = tally.tp / tally.n_pred if tally.n_pred else float("nan")
+        recall = tally.tp / out["n"] if out["n"] else float("nan")
+        f1 = 2 * tally.tp / (tally.n_pred + out["n"]) if tally.n_pred + out["n"] else float("nan")
+        out.update(precision50=precision, recall50=recall, f1_50=f1, n_pred=tally.n_pred, true_positives=tally.tp)
+    return out

@@ -1,75 +1,189 @@
-"""Write the run's report: ``report.json``, ``instances.jsonl``, ``report.md`` and overlay pictures."""
+"""Write the run's report: ``report.json``, ``instances.jsonl`` and ``report.md``.
+
+``report.json``::
+
+    {"zero_shot": {"box": {"miou", "dice", "n"}, "point1": ..., "clicks": {..., "miou_at", "noc85", "noc90"},
+                   "auto": {..., "precision50", "recall50"}},
+     "finetuned": {...}, "gain": {mode: finetuned - zero_shot mIoU},
+     "calibration": {model: {mode: {"spearman", "ece", "n"}}},
+     "extra_sets": {set: {"meta", "zero_shot", "finetuned", "gain", "calibration", "skipped_files"}},
+     "worst_images": [{"image", "n", model: mean IoU, "overlay"}], "skipped_files": [...], "meta": {...}}
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from samtune.data.records import ImageRecord, load_record
 from samtune.evaluation.evaluator import EvalResult
+from samtune.evaluation.overlays import MODE_TITLES
 from samtune.utils.io import atomic_write_json, atomic_write_text
 
-MODE_TITLES = {"box": "box", "point1": "1 point", "point3": "3 points"}
+CLICK_COLUMNS = (1, 2, 3, 5, 10, 20)
 
 
-def _fmt(x: float) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+def _fmt(x: float | None, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
-def colorize(instances: np.ndarray, seed: int = 0) -> np.ndarray:
-    """H x W instance map -> H x W x 4 RGBA overlay, one colour per id, largest instances drawn first."""
-    rgba = np.zeros((*instances.shape, 4), np.float32)
-    ids, counts = np.unique(instances[instances > 0], return_counts=True)
-    rng = np.random.default_rng(seed)
-    palette = rng.uniform(0.2, 1.0, size=(max(int(instances.max(initial=0)) + 1, 1), 3))
-    for i in ids[np.argsort(-counts)]:
-        rgba[instances == i, :3] = palette[i]
-        rgba[instances == i, 3] = 0.55
-    return rgba
+def _clean(obj):
+    """NaN -> None, recursively, so that report.json is strict JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
 
 
-def save_overlays(
-    out_dir: Path,
-    records: list[ImageRecord],
-    results: dict[str, EvalResult],
-    *,
-    mode: str = "box",
-    binary_as_one_object: bool = False,
-) -> list[Path]:
-    """One picture per image: ground truth, then each model's predicted masks for ``mode`` prompts."""
-    import matplotlib
+@dataclass
+class ExtraSetResult:
+    """Results of the models on one ``eval.extra_sets`` entry."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for record in records:
-        panels = [(name, res.masks[record.rel_path][mode]) for name, res in results.items() if record.rel_path in res.masks]
-        if not panels:
-            continue
-        image, gt = load_record(record, binary_as_one_object=binary_as_one_object)
-        fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4), squeeze=False)
-        for ax, (title, inst) in zip(axes[0], [("ground truth", gt), *panels]):
-            ax.imshow(image)
-            ax.imshow(colorize(inst))
-            ax.set_title(f"{title} ({MODE_TITLES.get(mode, mode)})" if title != "ground truth" else title)
-            ax.axis("off")
-        fig.tight_layout()
-        path = out_dir / (record.rel_path.replace("/", "__").rsplit(".", 1)[0] + ".png")
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append(path)
-    return written
+    meta: dict
+    results: dict[str, EvalResult]
+    skipped_files: list[dict] = field(default_factory=list)
 
 
-def write_instances(path: Path, results: dict[str, EvalResult]) -> None:
-    """All per-instance rows of all models as JSON lines (atomically)."""
-    lines = [json.dumps(row) for res in results.values() for row in res.rows]
+def gains(results: dict[str, EvalResult]) -> dict[str, float] | None:
+    """mode -> fine-tuned minus zero-shot mIoU (None unless both models were evaluated)."""
+    if "zero_shot" not in results or "finetuned" not in results:
+        return None
+    zs, ft = results["zero_shot"].summary, results["finetuned"].summary
+    return {m: ft[m]["miou"] - zs[m]["miou"] for m in zs if m in ft}
+
+
+def per_image_miou(rows: list[dict], model: str, mode: str) -> dict[str, tuple[float, int]]:
+    """image -> (mean IoU, number of instances) of ``model``'s rows in ``mode``."""
+    acc: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        if r["model"] == model and r["mode"] == mode:
+            acc[r["image"]].append(r["iou"])
+    return {img: (sum(v) / len(v), len(v)) for img, v in acc.items()}
+
+
+def worst_images(results: dict[str, EvalResult], mode: str, k: int) -> list[dict]:
+    """The ``k`` images with the lowest mean IoU of the last model (fine-tuned if present) in ``mode``.
+
+    Returns:
+        ``[{"image", "n", <model>: mean IoU for every model}]``, worst first.
+    """
+    if k <= 0 or not results:
+        return []
+    per_model = {name: per_image_miou(res.rows, name, mode) for name, res in results.items()}
+    ranked = per_model[list(results)[-1]]
+    order = sorted(ranked, key=lambda img: (ranked[img][0], img))[:k]
+    return [{"image": img, "n": ranked[img][1], **{n: per_model[n].get(img, (None,))[0] for n in per_model}}
+            for img in order]
+
+
+def write_instances(path: Path, results: dict[str, EvalResult], extra: dict[str, ExtraSetResult] | None = None) -> None:
+    """All per-instance rows of all models as JSON lines (atomically); extra sets' rows carry ``"set"``."""
+    lines = [json.dumps(_clean(row)) for res in results.values() for row in res.rows]
+    for set_name, ex in (extra or {}).items():
+        lines += [json.dumps(_clean({**row, "set": set_name})) for res in ex.results.values() for row in res.rows]
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def _summary_table(results: dict[str, EvalResult], gain: dict | None) -> list[str]:
+    names = list(results)
+    modes = list(next(iter(results.values())).summary) if results else []
+    lines = [
+        "| prompt | " + " | ".join(f"{n} mIoU | {n} Dice" for n in names) + (" | gain (mIoU) |" if gain else " |"),
+        "|---|" + "---|---|" * len(names) + ("---|" if gain else ""),
+    ]
+    for mode in modes:
+        s0 = results[names[0]].summary[mode]
+        title = MODE_TITLES.get(mode, mode)
+        if mode == "clicks":
+            title = f"clicks, mIoU@{s0['max_clicks']}"
+        elif mode == "auto":
+            title = "auto, best IoU per instance"
+        cells = " | ".join(f"{_fmt(results[n].summary[mode]['miou'])} | {_fmt(results[n].summary[mode]['dice'])}"
+                           for n in names)
+        tail = f" | {_fmt(gain.get(mode), signed=True)} |" if gain else " |"
+        lines.append(f"| {title} (n={s0['n']}) | {cells}{tail}")
+    return lines
+
+
+def _clicks_section(results: dict[str, EvalResult], plot: Path | None, run_dir: Path) -> list[str]:
+    clicked = {n: r.summary["clicks"] for n, r in results.items() if "clicks" in r.summary}
+    if not clicked:
+        return []
+    k_max = next(iter(clicked.values()))["max_clicks"]
+    ks = [k for k in CLICK_COLUMNS if k <= k_max] + ([k_max] if k_max not in CLICK_COLUMNS else [])
+    lines = [f"## Iterative clicks (up to {k_max})", "",
+             "Click 1 at the object's centre, then each click at the centre of the largest error region, with the "
+             f"previous logits as mask prompt. NoC@85 / NoC@90: clicks to reach 85% / 90% IoU (capped at {k_max}; "
+             "an instance that never reaches it counts as the cap); NoF: instances that never reach it.", "",
+             "| model | " + " | ".join(f"mIoU@{k}" for k in ks) + " | NoC@85 | NoC@90 | NoF@85 | NoF@90 |",
+             "|---|" + "---|" * (len(ks) + 4)]
+    for n, s in clicked.items():
+        cells = " | ".join(_fmt(s["miou_at"][str(k)]) for k in ks)
+        lines.append(f"| {n} | {cells} | {_fmt(s['noc85'])} | {_fmt(s['noc90'])} | {s['nof85']} | {s['nof90']} |")
+    if plot is not None:
+        lines += ["", f"![mIoU after k clicks]({plot.relative_to(run_dir).as_posix()})"]
+    return lines + [""]
+
+
+def _auto_section(results: dict[str, EvalResult]) -> list[str]:
+    auto = {n: r.summary["auto"] for n, r in results.items() if "auto" in r.summary}
+    if not auto:
+        return []
+    lines = ["## Automatic masks (segment everything)", "",
+             "SamAutomaticMaskGenerator's masks matched to the ground truth: best IoU of each ground-truth instance "
+             "over all masks; precision / recall of a one-to-one matching at IoU >= 0.5.", "",
+             "| model | mean best IoU | precision@0.5 | recall@0.5 | F1@0.5 | masks | instances |", "|---|---|---|---|---|---|---|"]
+    for n, s in auto.items():
+        lines.append(f"| {n} | {_fmt(s['miou'])} | {_fmt(s['precision50'])} | {_fmt(s['recall50'])} | "
+                     f"{_fmt(s['f1_50'])} | {s['n_pred']} | {s['n']} |")
+    return lines + [""]
+
+
+def _calibration_section(results: dict[str, EvalResult]) -> list[str]:
+    lines = ["## IoU-head calibration", "",
+             "Predicted IoU (SAM's IoU head) against the true IoU of each mask: Spearman rank correlation (1 = ranks "
+             "masks perfectly) and expected calibration error (ECE, 10 bins; 0 = predicted IoU is the true IoU). "
+             "Clicks pool all rounds; auto compares each generated mask with its best-matching instance.", "",
+             "| model | mode | Spearman | ECE | n |", "|---|---|---|---|---|"]
+    for n, r in results.items():
+        for mode, c in r.calibration.items():
+            lines.append(f"| {n} | {MODE_TITLES.get(mode, mode)} | {_fmt(c['spearman'])} | {_fmt(c['ece'])} | {c['n']} |")
+    return lines + [""]
+
+
+def _extra_section(extra: dict[str, ExtraSetResult]) -> list[str]:
+    if not extra:
+        return []
+    lines = ["## Forgetting check: other datasets", "",
+             "The same models on datasets they were not fine-tuned for (`eval.extra_sets`): a drop here is what "
+             "adaptation cost elsewhere.", ""]
+    for set_name, ex in extra.items():
+        gain = gains(ex.results)
+        lines += [f"### {set_name}: `{ex.meta.get('root')}` ({ex.meta.get('split')} split, "
+                  f"{ex.meta.get('n_images')} images)", ""]
+        lines += _summary_table(ex.results, gain) + [""]
+    return lines
+
+
+def _worst_section(worst: list[dict], names: list[str], mode: str, run_dir: Path) -> list[str]:
+    if not worst:
+        return []
+    lines = [f"## Worst images ({MODE_TITLES.get(mode, mode)} prompts, lowest mean IoU of {names[-1]})", "",
+             "| image | instances | " + " | ".join(f"{n} mIoU" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for w in worst:
+        lines.append(f"| `{w['image']}` | {w['n']} | " + " | ".join(_fmt(w.get(n)) for n in names) + " |")
+    lines.append("")
+    lines += [f"![{Path(w['overlay']).stem}]({Path(w['overlay']).relative_to(run_dir).as_posix()})"
+              for w in worst if w.get("overlay")]
+    return lines + [""]
 
 
 def write_report(
@@ -79,45 +193,57 @@ def write_report(
     skipped_files: list[dict],
     meta: dict,
     overlays: list[Path] = (),
+    extra_sets: dict[str, ExtraSetResult] | None = None,
+    worst: list[dict] | None = None,
+    worst_mode: str = "box",
+    clicks_plot: Path | None = None,
 ) -> dict:
     """Write ``report.json``, ``instances.jsonl`` and ``report.md`` into ``run_dir``; return the JSON."""
     report: dict = {name: res.summary for name, res in results.items()}
+    gain = gains(results)
+    if gain is not None:
+        report["gain"] = gain
+    report["calibration"] = {name: res.calibration for name, res in results.items()}
+    if extra_sets:
+        report["extra_sets"] = {
+            s: {"meta": ex.meta, **{n: r.summary for n, r in ex.results.items()},
+                **({"gain": gains(ex.results)} if gains(ex.results) is not None else {}),
+                "calibration": {n: r.calibration for n, r in ex.results.items()}, "skipped_files": ex.skipped_files}
+            for s, ex in extra_sets.items()
+        }
+    if worst:
+        report["worst_images"] = [{**w, "overlay": str(w["overlay"]) if w.get("overlay") else None} for w in worst]
     report["skipped_files"] = list(skipped_files)
     report["meta"] = meta
-    if "zero_shot" in results and "finetuned" in results:
-        report["gain"] = {
-            mode: results["finetuned"].summary[mode]["miou"] - results["zero_shot"].summary[mode]["miou"]
-            for mode in results["zero_shot"].summary
-            if mode in results["finetuned"].summary
-        }
+    report = _clean(report)
     atomic_write_json(run_dir / "report.json", report)
-    write_instances(run_dir / "instances.jsonl", results)
+    write_instances(run_dir / "instances.jsonl", results, extra_sets)
 
-    names = list(results)
-    modes = list(next(iter(results.values())).summary) if results else []
     lines = [
         f"# samtune report: {meta.get('experiment') or 'run'}",
         "",
         f"- data: `{meta.get('data_root')}` ({meta.get('split')} split, {meta.get('n_images')} images)",
-        f"- model: `{meta.get('model_type')}` from `{meta.get('checkpoint')}`",
+        f"- model: `{meta.get('model_type')}` from " + (f"`{meta['checkpoint']}`" if meta.get("checkpoint") else "random weights")
+        + (f"; fine-tuned: `{meta['finetuned_checkpoint']}`" if meta.get("finetuned_checkpoint") else ""),
         f"- prompts: `{meta.get('prompts_file')}` (seed {meta.get('prompt_seed')}), identical for every model",
         f"- evaluation: {meta.get('eval_note', 'full image')}",
         "",
-        "| prompt | " + " | ".join(f"{n} mIoU | {n} Dice" for n in names) + (" | gain (mIoU) |" if "gain" in report else " |"),
-        "|---|" + "---|---|" * len(names) + ("---|" if "gain" in report else ""),
+        *_summary_table(results, gain),
+        "",
+        "Box and three-point prompts use SAM's single-mask output; one point the multimask output with the highest "
+        "predicted IoU.",
+        "",
     ]
-    for mode in modes:
-        cells = " | ".join(f"{_fmt(results[n].summary[mode]['miou'])} | {_fmt(results[n].summary[mode]['dice'])}" for n in names)
-        gain = f" | {report['gain'][mode]:+.3f} |" if "gain" in report else " |"
-        n = results[names[0]].summary[mode]["n"]
-        lines.append(f"| {MODE_TITLES.get(mode, mode)} (n={n}) | {cells}{gain}")
-    lines += ["", "Box and three-point prompts use SAM's single-mask output; one point the multimask output with "
-              "the highest predicted IoU.", ""]
+    lines += _clicks_section(results, clicks_plot, run_dir)
+    lines += _auto_section(results)
+    lines += _calibration_section(results)
+    lines += _extra_section(extra_sets or {})
+    lines += _worst_section(worst or [], list(results), worst_mode, run_dir)
     if skipped_files:
         lines += [f"## Skipped files ({len(skipped_files)})", ""]
         lines += [f"- `{s['file']}`: {s['reason']}" for s in skipped_files] + [""]
     if overlays:
-        lines += ["## Overlays (box prompts)", ""]
+        lines += [f"## Overlays ({MODE_TITLES.get(worst_mode, worst_mode)} prompts)", ""]
         lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in overlays] + [""]
     atomic_write_text(run_dir / "report.md", "\n".join(lines))
     return report

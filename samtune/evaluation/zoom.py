@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from samtune.data.zoom import zoom_window
+from samtune.evaluation.decoding import PromptPrediction, finish_logits
 from samtune.model.promptable_sam import PromptableSam
 
 
@@ -43,35 +45,12 @@ class ZoomConfig:
                 f"{self.min_frac:g} of the longest image side) around each prompt, resized to the model input")
 
 
-def zoom_window(
+def prompt_window(
     prompt_xyxy: tuple[float, float, float, float], image_size: tuple[int, int], cfg: ZoomConfig, *, is_box: bool
 ) -> tuple[int, int, int, int]:
-    """Square crop window ``(x0, y0, x1, y1)`` (x1, y1 exclusive) around a prompt, inside the image.
-
-    Args:
-        prompt_xyxy: The box, or the bounding box of the prompt's points, in image pixels.
-        image_size: (H, W).
-        cfg: Zoom settings.
-        is_box: Whether the extent is a box (points get at least ``min_frac`` of the image).
-    """
-    h, w = image_size
-    x1, y1, x2, y2 = prompt_xyxy
-    extent = max(x2 - x1 + 1, y2 - y1 + 1)
-    side = cfg.context * extent
-    floor = cfg.min_frac * max(h, w) if not is_box else 0.0
-    side = int(round(max(side, floor, cfg.min_px)))
-    cx, cy = (x1 + x2 + 1) / 2, (y1 + y2 + 1) / 2
-
-    def span(center: float, limit: int) -> tuple[int, int]:
-        if side >= limit:
-            return 0, limit
-        start = int(round(center - side / 2))
-        start = min(max(start, 0), limit - side)  # shift inside rather than shrink
-        return start, start + side
-
-    xa, xb = span(cx, w)
-    ya, yb = span(cy, h)
-    return xa, ya, xb, yb
+    """Square crop window around a prompt (points get at least ``min_frac`` of the longest image side)."""
+    floor = 0.0 if is_box else cfg.min_frac * max(image_size)
+    return zoom_window(prompt_xyxy, image_size, context=cfg.context, min_side=max(floor, cfg.min_px))
 
 
 def _extent(prompt: dict, mode: str) -> tuple[float, float, float, float]:
@@ -84,7 +63,7 @@ def _extent(prompt: dict, mode: str) -> tuple[float, float, float, float]:
 
 
 @torch.no_grad()
-def predict_prompts_zoomed(
+def decode_prompts_zoomed(
     model: PromptableSam,
     image: np.ndarray,
     prompts: list[dict],
@@ -92,32 +71,35 @@ def predict_prompts_zoomed(
     *,
     multimask: bool,
     cfg: ZoomConfig,
+    stability_offset: float = 1.0,
     chunk: int = 16,
-) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """Like ``predict_prompts`` but each prompt is segmented in its own zoomed crop.
+) -> Iterator[PromptPrediction]:
+    """Like ``decode_prompts`` but each prompt is segmented in its own zoomed crop.
 
     Args:
         model: The model.
         image: H x W x 3 uint8 RGB, the whole image.
-        prompts: Per-instance prompt dicts (original image pixels).
-        mode: ``box``, ``point1`` or ``point3``.
+        prompts: Per-instance prompt dicts (original image pixels): ``"box"``, or ``mode: {"points", "labels"}``.
+        mode: ``box``, or the key of the point prompt (``point1``, ``point3``, ``points``).
         multimask: Whether to pick the best multimask output (ambiguous prompts).
         cfg: Zoom settings.
+        stability_offset: Logit offset of the stability score.
         chunk: Crops embedded per encoder call.
 
     Yields:
-        (slice of ``prompts``, masks n x H x W bool at the image size, predicted IoU n).
+        Chunks with masks n x H x W bool at the image size (``low_res`` is None: each crop has its own frame).
     """
     h, w = image.shape[:2]
     dev = model.device
     for start in range(0, len(prompts), chunk):
         sl = slice(start, start + chunk)
         items = prompts[sl]
-        windows = [zoom_window(_extent(p, mode), (h, w), cfg, is_box=mode == "box") for p in items]
+        windows = [prompt_window(_extent(p, mode), (h, w), cfg, is_box=mode == "box") for p in items]
         prepared = [model.prepare_image(np.ascontiguousarray(image[y0:y1, x0:x1])) for x0, y0, x1, y1 in windows]
         embeddings = model.embed(torch.cat([x for x, _, _ in prepared]))
         masks = torch.zeros(len(items), h, w, dtype=torch.bool)
         scores = torch.zeros(len(items))
+        stability = torch.zeros(len(items))
         for i, (p, (x0, y0, x1, y1), (_, in_size, crop_size)) in enumerate(zip(items, windows, prepared)):
             offset = torch.tensor([x0, y0], dtype=torch.float)
             kwargs = {}
@@ -129,8 +111,26 @@ def predict_prompts_zoomed(
                 labels = torch.tensor([p[mode]["labels"]], dtype=torch.int)
                 kwargs["points"] = (model.coords_to_input(coords, crop_size).to(dev), labels.to(dev))
             logits, iou = model.decode(embeddings[i : i + 1], **kwargs)
-            chosen, pred_iou = PromptableSam.select_output(logits, iou, multimask)
-            crop_mask = model.postprocess(chosen.float(), in_size, crop_size)[0, 0] > model.sam.mask_threshold
-            masks[i, y0:y1, x0:x1] = crop_mask.cpu()
+            crop_mask, pred_iou, stab, _ = finish_logits(
+                model, logits, iou, multimask=multimask, input_size=in_size, original_size=crop_size,
+                stability_offset=stability_offset,
+            )
+            masks[i, y0:y1, x0:x1] = crop_mask[0]
             scores[i] = float(pred_iou[0])
-        yield sl, masks, scores
+            stability[i] = float(stab[0])
+        yield PromptPrediction(sl, masks, scores, stability, None)
+
+
+def predict_prompts_zoomed(
+    model: PromptableSam,
+    image: np.ndarray,
+    prompts: list[dict],
+    mode: str,
+    *,
+    multimask: bool,
+    cfg: ZoomConfig,
+    chunk: int = 16,
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """:func:`decode_prompts_zoomed` as (slice of ``prompts``, masks n x H x W bool, predicted IoU n)."""
+    for p in decode_prompts_zoomed(model, image, prompts, mode, multimask=multimask, cfg=cfg, chunk=chunk):
+        yield p.index, p.masks, p.pred_iou

@@ -161,6 +161,17 @@ def build_sam_from_arch(arch: SamArch) -> Sam:
     )
 
 
+def build_seeded_sam(arch: SamArch, seed: int) -> Sam:
+    """:func:`build_sam_from_arch` with its random initialisation drawn from ``seed``.
+
+    The global RNG is left untouched, so the same ``(arch, seed)`` always gives the same weights: this
+    is how a training checkpoint of a randomly initialised ``sam_tiny`` recovers its frozen weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_sam_from_arch(arch)
+
+
 def infer_arch(state_dict: dict[str, torch.Tensor]) -> SamArch | None:
     """Recover the architecture a SAM state dict was saved from, or None if it is not SAM's.
 

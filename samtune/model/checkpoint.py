@@ -5,19 +5,25 @@ Accepted files:
 * an official segment_anything state dict (``sam_vit_b_01ec64.pth`` ...), or one written in the same
   format by samtune (``scripts/export.py``, the shipped ``sam_tiny`` generalist);
 * a samtune Lightning checkpoint (``checkpoints/last.ckpt``): the SAM weights are taken from its
-  ``state_dict`` under the ``model.sam.`` prefix.
+  ``state_dict`` under the ``model.sam.`` prefix. Such a checkpoint stores only the trained weights
+  (frozen ones are left out): they are applied on top of the base weights the checkpoint records,
+  and LoRA adapters are merged, so the result is always a complete plain state dict
+  (see :mod:`samtune.model.training_checkpoint`; a missing base gives an error naming the file).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from segment_anything.modeling import Sam
 
 from samtune.model.build import CHECKPOINT_HELP, OFFICIAL_CHECKPOINTS, SamArch, infer_arch, name_arch
+from samtune.model.lora import plain_state_dict
+from samtune.model.training_checkpoint import META_KEY, resolve_training_state
 
 LIGHTNING_PREFIX = "model.sam."
 
@@ -26,12 +32,12 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or does not fit the chosen model."""
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read the SAM state dict stored in ``path``.
+def load_checkpoint_file(path: str | os.PathLike) -> object:
+    """``torch.load`` a checkpoint on the CPU (tensors and plain containers only).
 
     Raises:
-        CheckpointError: the file is missing (the message says where official weights are published),
-            is not a PyTorch checkpoint, or holds no SAM weights.
+        CheckpointError: the file is missing (the message says where official weights are published)
+            or is not a PyTorch checkpoint.
     """
     path = Path(path)
     if not path.is_file():
@@ -41,19 +47,63 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             "Download one and pass its path, e.g. `model=vit_b model.checkpoint=/path/sam_vit_b_01ec64.pth`."
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means "not a readable checkpoint"
         raise CheckpointError(f"model.checkpoint={path}: not a readable PyTorch checkpoint ({exc})") from exc
+
+
+def read_state_dict(
+    path: str | os.PathLike,
+    *,
+    base_checkpoint: str | os.PathLike | None = None,
+    settings: Mapping | None = None,
+    defaults: Mapping | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read the complete SAM state dict stored in ``path`` (segment_anything's keys).
+
+    Args:
+        path: Official/plain state dict or samtune Lightning checkpoint.
+        base_checkpoint: For a training checkpoint that leaves frozen weights out: where they come
+            from, instead of the base checkpoint it records.
+        settings: Overrides of what a training checkpoint records (``model_type``, ``arch``, ``seed``,
+            ``lora``); see :func:`samtune.model.training_checkpoint.resolve_training_state`.
+        defaults: Values used only where a training checkpoint records nothing.
+
+    Raises:
+        CheckpointError: the file is missing (the message says where official weights are published),
+            is not a PyTorch checkpoint, or holds no SAM weights; a training checkpoint's base weights
+            are missing.
+    """
+    return state_dict_from_checkpoint(
+        load_checkpoint_file(path), path, base_checkpoint=base_checkpoint, settings=settings, defaults=defaults,
+    )
+
+
+def state_dict_from_checkpoint(
+    obj: object,
+    source: str | os.PathLike,
+    *,
+    base_checkpoint: str | os.PathLike | None = None,
+    settings: Mapping | None = None,
+    defaults: Mapping | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`read_state_dict` for a checkpoint already loaded by :func:`load_checkpoint_file`."""
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         inner = obj["state_dict"]
         state = {k[len(LIGHTNING_PREFIX):]: v for k, v in inner.items() if k.startswith(LIGHTNING_PREFIX)}
         if not state:
-            raise CheckpointError(f"model.checkpoint={path}: Lightning checkpoint without `{LIGHTNING_PREFIX}*` weights")
+            raise CheckpointError(f"model.checkpoint={source}: Lightning checkpoint without `{LIGHTNING_PREFIX}*` weights")
+        meta = obj.get(META_KEY)
+        if meta is not None or any(".lora_" in k for k in state):
+            overrides = dict(settings or {})
+            if base_checkpoint is not None:
+                overrides["base_checkpoint"] = str(base_checkpoint)
+            return resolve_training_state(source, state, meta, settings=overrides, defaults=defaults)
         return state
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"model.checkpoint={path}: expected a state dict of tensors, got {type(obj).__name__}")
+        raise CheckpointError(f"model.checkpoint={source}: expected a state dict of tensors, got {type(obj).__name__}")
     return obj
 
 
@@ -95,9 +145,14 @@ def check_state_dict(model: Sam, state: dict[str, torch.Tensor], *, source: str,
     raise CheckpointError(" ".join(parts))
 
 
-def load_sam_weights(model: Sam, path: str | os.PathLike, *, model_type: str) -> None:
-    """Load the checkpoint at ``path`` into ``model`` strictly, with explanatory errors."""
-    state = read_state_dict(path)
+def load_sam_weights(
+    model: Sam, path: str | os.PathLike, *, model_type: str, base_checkpoint: str | os.PathLike | None = None
+) -> None:
+    """Load the checkpoint at ``path`` into ``model`` strictly, with explanatory errors.
+
+    ``base_checkpoint``: see :func:`read_state_dict` (training checkpoints that leave frozen weights out).
+    """
+    state = read_state_dict(path, base_checkpoint=base_checkpoint)
     check_state_dict(model, state, source=str(path), model_type=model_type)
     model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
 
@@ -106,15 +161,20 @@ def save_sam_weights(model: Sam, path: str | os.PathLike, *, half: bool = False)
     """Write ``model``'s weights as a plain segment_anything state dict, atomically.
 
     Args:
-        model: The SAM to save.
+        model: The SAM to save; LoRA adapters, if any, are merged into the saved weights (``model``
+            itself is not changed).
         path: Destination ``.pth``; written to a temporary file in the same folder, then renamed.
         half: Store floating-point tensors as float16 (loaders cast back to the model's dtype).
     """
+    return save_state_dict(plain_state_dict(model), path, half=half)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike, *, half: bool = False) -> Path:
+    """Write a state dict with ``torch.save`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from samtune.data.transforms import normalize_and_pad, resize_longest_side
 
@@ -22,12 +23,15 @@ class PromptableSam(nn.Module):
 
     Args:
         sam: The segment_anything model whose components are called directly.
+        gradient_checkpointing: Recompute each ViT block's activations in the backward pass instead
+            of storing them (``torch.utils.checkpoint``), when the encoder runs with gradients.
     """
 
-    def __init__(self, sam: Sam) -> None:
+    def __init__(self, sam: Sam, *, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         self.sam = sam
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.gradient_checkpointing = gradient_checkpointing
 
     @property
     def img_size(self) -> int:
@@ -68,7 +72,16 @@ class PromptableSam(nn.Module):
     # ------------------------------------------------------------------ the two steps
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Image encoder. ``images``: B x 3 x S x S normalised and padded -> B x C x S/16 x S/16."""
-        return self.sam.image_encoder(images)
+        encoder = self.sam.image_encoder
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return encoder(images)
+        # ImageEncoderViT.forward, with each block's activations recomputed during backward.
+        x = encoder.patch_embed(images)
+        if encoder.pos_embed is not None:
+            x = x + encoder.pos_embed
+        for block in encoder.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return encoder.neck(x.permute(0, 3, 1, 2))
 
     def decode(
         self,

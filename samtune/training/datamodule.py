@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from samtune.data.dataset import SamDataset, collate_instances
 from samtune.data.records import ImageRecord
 from samtune.data.transforms import build_augmentation
+from samtune.data.zoom import ZoomCropConfig
 
 
 class SamDataModule(L.LightningDataModule):
@@ -22,6 +23,11 @@ class SamDataModule(L.LightningDataModule):
         num_workers: Loader workers (``data.num_workers``).
         max_instances: Instances sampled per image per step (``data.max_instances``).
         binary_as_one_object: Treat all foreground of a binary mask as one object.
+        zoom_crop: Fields of :class:`ZoomCropConfig` to train on prompt-focused crops (``data.zoom_crop``);
+            None trains on whole images.
+        cache_keys: Items carry ``cache_key`` for the embedding cache (train and val).
+        views: Training images come from this many fixed views each (``cache.views``; 1: not augmented),
+            or None: augmented freely (see :class:`SamDataset`).
     """
 
     def __init__(
@@ -35,6 +41,9 @@ class SamDataModule(L.LightningDataModule):
         num_workers: int = 0,
         max_instances: int = 16,
         binary_as_one_object: bool = False,
+        zoom_crop: dict | None = None,
+        cache_keys: bool = False,
+        views: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -43,8 +52,11 @@ class SamDataModule(L.LightningDataModule):
             raise ValueError(f"data.max_instances must be >= 1, got {max_instances}")
         if not train_records:
             raise ValueError("the training split has no usable images")
-        common = dict(img_size=img_size, max_instances=max_instances, binary_as_one_object=binary_as_one_object)
-        self.train_set = SamDataset(train_records, augment=build_augmentation(augment), **common)
+        common = dict(img_size=img_size, max_instances=max_instances, binary_as_one_object=binary_as_one_object,
+                      cache_keys=cache_keys)
+        zoom = ZoomCropConfig(**zoom_crop) if zoom_crop else None
+        self.train_set = SamDataset(train_records, augment=build_augmentation(augment), zoom_crop=zoom, views=views,
+                                    **common)
         self.val_set = SamDataset(val_records, augment=None, **common) if val_records else None
         self.batch_size, self.num_workers = batch_size, num_workers
 

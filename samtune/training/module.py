@@ -8,30 +8,63 @@ logits as mask prompt, or the logits alone), each with its own loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import lightning as L
 import torch
 
-from samtune.losses import SamLoss
+from samtune.losses import LossOutput, SamLoss
 from samtune.metrics import InstanceMaskMetrics
+from samtune.model.embedding_cache import EmbeddingCache
+from samtune.model.lora import LoraSettings, apply_lora
 from samtune.model.promptable_sam import PromptableSam
+from samtune.model.training_checkpoint import META_FORMAT, META_KEY, fingerprint, fingerprint_mismatches
 from samtune.prompts import PromptGroup, PromptSimulator, center_points, masks_to_boxes
+from samtune.training.param_groups import apply_lr_scales, build_param_groups
+
+log = logging.getLogger(__name__)
+
+SAM_PREFIX = "model.sam."
+FINETUNE_MODES = ("decoder_only", "lora", "full")
 
 
 class SamTuneModule(L.LightningModule):
     """Fine-tunes the parts of a :class:`PromptableSam` that the ``finetune`` config unfreezes.
 
+    Modes (``finetune.mode``):
+
+    * ``decoder_only``: the image encoder is frozen and runs without gradients;
+    * ``lora``: LoRA adapters (peft) on the encoder's attention projections train, its base weights
+      stay frozen (:func:`samtune.model.lora.apply_lora` is applied to ``model`` here);
+    * ``full``: the image encoder trains too, with ``encoder_lr_mult`` and ``layer_decay``
+      (:mod:`samtune.training.param_groups`).
+
+    Frozen parameters get no gradient and are left out of the Lightning checkpoints; the checkpoint
+    records where they come from (:mod:`samtune.model.training_checkpoint`), and loading a checkpoint
+    into this module takes them from the live model (built from ``model.checkpoint``).
+
     Args:
-        model: The SAM to train.
+        model: The SAM to train (changed in place: requires_grad flags, LoRA adapters).
         simulator: Prompt simulator applying the ``prompts`` policy.
         loss: SAM's loss.
-        optimizer: Partial optimizer taking the trainable parameters.
+        optimizer: Partial optimizer taking ``params=`` (a list of param groups).
         scheduler: Optional partial taking (optimizer, total_steps) and returning an LR scheduler.
-        train_image_encoder: Whether the image encoder trains (``False``: frozen, run without grad).
+        mode: ``decoder_only``, ``lora`` or ``full``; None: ``full`` if ``train_image_encoder`` else
+            ``decoder_only``.
+        train_image_encoder: Legacy switch; must agree with ``mode`` when both are given.
         train_prompt_encoder: Whether the prompt encoder trains.
         train_mask_decoder: Whether the mask decoder trains.
+        lora: ``finetune.lora`` settings (:class:`samtune.model.lora.LoraSettings` fields), for ``lora``.
+        encoder_lr_mult: Factor on the image encoder's learning rate.
+        layer_decay: Layer-wise learning-rate decay over the ViT blocks (1: none).
+        gradient_checkpointing: Recompute encoder block activations in backward (``lora``/``full``).
+        checkpoint_meta: Where the starting weights come from (``model_type``, ``arch``, ``seed``,
+            ``base_checkpoint``), recorded in checkpoints so that frozen weights can be found again.
         seed: Base seed of the per-step prompt generators.
+        embedding_cache: Read/write image embeddings here instead of running the frozen encoder on every
+            step (``decoder_only`` only; batches must carry ``cache_key``, see :class:`SamDataset`).
     """
 
     def __init__(
@@ -42,29 +75,58 @@ class SamTuneModule(L.LightningModule):
         loss: SamLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
-        train_image_encoder: bool = False,
+        mode: str | None = None,
+        train_image_encoder: bool | None = None,
         train_prompt_encoder: bool = False,
         train_mask_decoder: bool = True,
+        lora: Mapping | None = None,
+        encoder_lr_mult: float = 1.0,
+        layer_decay: float = 1.0,
+        gradient_checkpointing: bool = False,
+        checkpoint_meta: Mapping | None = None,
         seed: int = 0,
+        embedding_cache: EmbeddingCache | None = None,
     ) -> None:
         super().__init__()
+        mode = mode or ("full" if train_image_encoder else "decoder_only")
+        if mode not in FINETUNE_MODES:
+            raise ValueError(f"finetune.mode={mode!r} is not one of {list(FINETUNE_MODES)}")
+        if train_image_encoder is not None and bool(train_image_encoder) != (mode == "full"):
+            raise ValueError(
+                f"finetune.train_image_encoder={train_image_encoder} contradicts finetune.mode={mode}: the image "
+                "encoder trains fully only with finetune=full (finetune=lora trains adapters on it)"
+            )
+        if lora is not None and mode != "lora":
+            raise ValueError(f"finetune.lora is set but finetune.mode={mode}; use finetune=lora")
+        if embedding_cache is not None and mode != "decoder_only":
+            raise ValueError(f"the embedding cache needs a frozen image encoder (finetune=decoder_only); "
+                             f"finetune={mode} trains it: set cache.enabled=false or auto")
         self.model = model
         self.simulator = simulator
         self.loss_fn = loss
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.train_image_encoder = train_image_encoder
+        self.mode = mode
         self.seed = seed
+        self.encoder_lr_mult, self.layer_decay = float(encoder_lr_mult), float(layer_decay)
+        self.checkpoint_meta = dict(checkpoint_meta or {})
+        self.embedding_cache = embedding_cache
         sam = model.sam
-        for module, flag in (
-            (sam.image_encoder, train_image_encoder),
-            (sam.prompt_encoder, train_prompt_encoder),
-            (sam.mask_decoder, train_mask_decoder),
-        ):
-            module.requires_grad_(flag)
+        sam.image_encoder.requires_grad_(mode == "full")
+        sam.prompt_encoder.requires_grad_(train_prompt_encoder)
+        sam.mask_decoder.requires_grad_(train_mask_decoder)
+        self.lora = LoraSettings.from_config(lora) if mode == "lora" else None
+        if self.lora is not None:
+            apply_lora(sam, self.lora)
+        self.train_image_encoder = mode != "decoder_only"  # runs with gradients (all weights or adapters)
+        model.gradient_checkpointing = bool(gradient_checkpointing) and self.train_image_encoder
         if not any(p.requires_grad for p in self.parameters()):
             raise ValueError("finetune: every part of the model is frozen; nothing would train")
         self.val_metrics = torch.nn.ModuleDict({"box": InstanceMaskMetrics(), "point1": InstanceMaskMetrics()})
+        # Fingerprint of the weights left out of checkpoints, to recognise their base later.
+        own = self.state_dict()
+        sam_state = {k[len(SAM_PREFIX):]: v for k, v in own.items() if k.startswith(SAM_PREFIX)}
+        self._base_fingerprint = fingerprint(sam_state, [k[len(SAM_PREFIX):] for k in self.frozen_state_keys()])
 
     # ------------------------------------------------------------------ helpers
     def _generator(self, batch_idx: int, stage: str) -> torch.Generator:
@@ -79,6 +141,23 @@ class SamTuneModule(L.LightningModule):
         self.model.sam.image_encoder.eval()
         with torch.no_grad():
             return self.model.embed(images)
+
+    def image_embeddings(self, batch: dict) -> torch.Tensor:
+        """``B x C x h x w`` embeddings of the batch's images: from the embedding cache when there is one
+        (the encoder runs only on the images not cached yet), else from the encoder."""
+        if self.embedding_cache is None:
+            return self.embed(batch["image"])
+        if "cache_key" not in batch:
+            raise ValueError("the embedding cache is on but the batch has no cache_key (SamDataset(cache_keys=True))")
+        return self.embedding_cache.embed_batch(batch["cache_key"], batch["image"], self.embed)
+
+    def _loss(self, logits: torch.Tensor, iou: torch.Tensor, gt: torch.Tensor, multimask: bool) -> LossOutput:
+        """SAM's loss at input resolution, upscaling only the outputs it reads: output 0 for unambiguous
+        prompts (the others are passed as views of it and ignored), all four for ambiguous ones."""
+        if multimask:
+            return self.loss_fn(self.model.upscale_to_input(logits), iou, gt, multimask=True)
+        single = self.model.upscale_to_input(logits[:, :1])
+        return self.loss_fn(single.expand(-1, logits.shape[1], -1, -1), iou, gt, multimask=False)
 
     def _decode(self, embedding: torch.Tensor, group: PromptGroup) -> tuple[torch.Tensor, torch.Tensor]:
         points = (group.points, group.labels) if group.points is not None else None
@@ -96,7 +175,7 @@ class SamTuneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        embeddings = self.embed(batch["image"])
+        embeddings = self.image_embeddings(batch)
         gen = self._generator(batch_idx, "train")
         losses, parts = [], {"focal": [], "dice": [], "iou": [], "true_iou": []}
         for b in range(len(embeddings)):
@@ -110,16 +189,19 @@ class SamTuneModule(L.LightningModule):
                 gt_g, gt_g_cpu = gt[idx.to(gt.device)], gt_cpu[idx]
                 group = group.to(self.device)
                 pred = prev = None  # previous round's binary mask (input frame) and low-res logits
-                for step in ["initial", *self.simulator.rounds()]:
+                steps = ["initial", *self.simulator.rounds()]
+                for i, step in enumerate(steps):
                     if step == "click":
                         group = self.simulator.correct(group.to("cpu"), pred, gt_g_cpu, prev, generator=gen).to(self.device)
                     elif step == "mask":
                         group = self.simulator.mask_only(group, prev.to(self.device))
                     logits, iou = self._decode(embeddings[b : b + 1], group)
-                    out = self.loss_fn(self.model.upscale_to_input(logits), iou, gt_g, multimask=group.multimask)
+                    out = self._loss(logits, iou, gt_g, group.multimask)
                     losses.append(out.loss)
                     for key in parts:
                         parts[key].append(getattr(out, key).detach())
+                    if i + 1 == len(steps):
+                        break
                     # Next round starts from the mask SAM would hand back (highest predicted IoU).
                     chosen, _ = PromptableSam.select_output(logits.detach(), iou.detach(), group.multimask)
                     prev = chosen.float().cpu()
@@ -135,9 +217,15 @@ class SamTuneModule(L.LightningModule):
             self.log(f"train/{key}", torch.cat(values).float().mean(), batch_size=n)
         return loss
 
+    def on_train_epoch_end(self) -> None:
+        if self.embedding_cache is not None:
+            stats = self.embedding_cache.stats()
+            log.info("Embedding cache (rank %d, since start): %d embeddings read, %d computed, %d corrupt recomputed",
+                     self.global_rank, stats["hits"], stats["computed"], stats["corrupt"])
+
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        embeddings = self.model.embed(batch["image"])
+        embeddings = self.image_embeddings(batch)
         for b in range(len(embeddings)):
             gt = batch["masks"][b][batch["valid"][b]]
             if len(gt) == 0:
@@ -170,10 +258,83 @@ class SamTuneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params=params)
+        groups = build_param_groups(
+            self.model.sam.named_parameters(), depth=len(self.model.sam.image_encoder.blocks),
+            encoder_lr_mult=self.encoder_lr_mult, layer_decay=self.layer_decay,
+        )
+        optimizer = self.optimizer_factory(params=groups)
+        apply_lr_scales(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def frozen_state_keys(self) -> set[str]:
+        """State-dict keys left out of checkpoints: frozen parameters, and the buffers of SAM
+        components (image encoder, prompt encoder, mask decoder) that have nothing to train."""
+        params = dict(self.named_parameters())
+        trained_parts = {n[len(SAM_PREFIX):].split(".")[0] for n, p in params.items() if p.requires_grad}
+        frozen = set()
+        for key in self.state_dict(keep_vars=True):
+            if not key.startswith(SAM_PREFIX):
+                continue
+            if key in params:
+                if not params[key].requires_grad:
+                    frozen.add(key)
+            elif key[len(SAM_PREFIX):].split(".")[0] not in trained_parts:
+                frozen.add(key)
+        return frozen
+
+    def checkpoint_record(self) -> dict:
+        """What ``checkpoint["samtune"]`` records (see :mod:`samtune.model.training_checkpoint`)."""
+        return {
+            "format": META_FORMAT,
+            "base": dict(self.checkpoint_meta),
+            "finetune": {"mode": self.mode, **({"lora": self.lora.to_dict()} if self.lora else {})},
+            "base_fingerprint": self._base_fingerprint,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave frozen weights out (they come from ``model.checkpoint``) and record their origin."""
+        state = checkpoint["state_dict"]
+        for key in self.frozen_state_keys():
+            state.pop(key, None)
+        checkpoint[META_KEY] = self.checkpoint_record()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Complete a checkpoint that leaves frozen weights out with the live model's frozen weights.
+
+        Raises:
+            ValueError: the checkpoint was trained in another mode, lacks trained weights, or its
+                frozen weights came from a different base than this run's ``model.checkpoint``.
+        """
+        meta = checkpoint.get(META_KEY) or {}
+        saved_mode = (meta.get("finetune") or {}).get("mode")
+        if saved_mode and saved_mode != self.mode:
+            raise ValueError(f"the checkpoint was trained with finetune={saved_mode}, this run uses finetune={self.mode}")
+        state = checkpoint["state_dict"]
+        own = self.state_dict()
+        frozen = self.frozen_state_keys()
+        missing = sorted(k for k in own if k.startswith(SAM_PREFIX) and k not in frozen and k not in state)
+        if missing:
+            raise ValueError(
+                f"the checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}: it was saved with "
+                "other finetune settings"
+            )
+        recorded = meta.get("base_fingerprint") or {}
+        bad = fingerprint_mismatches(recorded, {k[len(SAM_PREFIX):].replace(".base_layer.", "."): v for k, v in own.items()})
+        if bad:
+            raise ValueError(
+                f"the checkpoint's frozen weights came from another base ({(meta.get('base') or {}).get('base_checkpoint')}) "
+                f"than this run's model.checkpoint ({len(bad)} tensors differ, e.g. {bad[:3]})"
+            )
+        for key in frozen:
+            state.setdefault(key, own[key])
+
+    def load_training_checkpoint(self, path: str | Path) -> None:
+        """Load a Lightning checkpoint's weights (partial ones included) into this module."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        self.on_load_checkpoint(checkpoint)
+        self.load_state_dict(checkpoint["state_dict"])

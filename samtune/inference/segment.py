@@ -1,0 +1,120 @@
+"""Segment new images: prompted (boxes or point sets) or everything (automatic mask generation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator
+
+from samtune.data.io import IMAGE_EXTENSIONS
+from samtune.evaluation.auto import generate_masks
+from samtune.evaluation.decoding import decode_prompts
+from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
+from samtune.model.promptable_sam import PromptableSam
+
+
+@dataclass
+class MaskPrediction:
+    """One predicted mask.
+
+    Attributes:
+        mask: H x W bool.
+        predicted_iou: The IoU head's estimate.
+        stability_score: IoU of the mask thresholded at +-offset logits around SAM's threshold.
+        prompt: What produced it: ``{"box": [...]}``, ``{"points": [...], "labels": [...]}`` or, in auto mode,
+            ``{"point": [x, y]}`` (the grid point).
+        prompt_index: Index of the prompt in the image's prompt list (None in auto mode).
+    """
+
+    mask: np.ndarray
+    predicted_iou: float
+    stability_score: float
+    prompt: dict
+    prompt_index: int | None = None
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+def list_images(input_path: Path) -> list[tuple[Path, str]]:
+    """(path, key) of the input image, or of every image under the input folder (recursively, sorted).
+
+    The key is the path relative to the folder (posix), or the file name for a single image.
+
+    Raises:
+        FileNotFoundError: the input does not exist or holds no image.
+    """
+    if input_path.is_file():
+        return [(input_path, input_path.name)]
+    if not input_path.is_dir():
+        raise FileNotFoundError(f"input={input_path}: no such file or folder")
+    found = sorted(p for p in input_path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not found:
+        raise FileNotFoundError(f"input={input_path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+    return [(p, p.relative_to(input_path).as_posix()) for p in found]
+
+
+@torch.no_grad()
+def segment_prompts(
+    model: PromptableSam,
+    image: np.ndarray,
+    prompts: list[dict],
+    mode: str,
+    *,
+    zoom: ZoomConfig | None = None,
+    stability_offset: float = 1.0,
+) -> list[MaskPrediction]:
+    """One mask per prompt, in prompt order.
+
+    Boxes and point sets of several points use SAM's single-mask output, a single point the best of the
+    multimask outputs (as evaluation does); prompts are decoded in batches of equal size.
+
+    Args:
+        model: The model (in eval mode).
+        image: H x W x 3 uint8 RGB.
+        prompts: ``{"box": [x1, y1, x2, y2]}`` (mode ``box``) or ``{"points": {"points", "labels"}}`` (mode
+            ``points``), original pixels.
+        mode: ``box`` or ``points``.
+        zoom: Segment each prompt in a zoomed crop (None: the whole image).
+        stability_offset: Logit offset of the stability score.
+    """
+    if not prompts:
+        return []
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(0 if mode == "box" else len(p["points"]["points"]), []).append(i)
+    embedded = None
+    if zoom is None:
+        x, input_size, original_size = model.prepare_image(image)
+        embedded = (model.embed(x), input_size, original_size)
+    out: list[MaskPrediction | None] = [None] * len(prompts)
+    for k, idx in groups.items():
+        group = [prompts[i] for i in idx]
+        multimask = mode == "points" and k == 1
+        if embedded is None:
+            chunks = decode_prompts_zoomed(model, image, group, mode, multimask=multimask, cfg=zoom,
+                                           stability_offset=stability_offset)
+        else:
+            emb, input_size, original_size = embedded
+            chunks = decode_prompts(model, emb, group, mode, input_size=input_size, original_size=original_size,
+                                    multimask=multimask, stability_offset=stability_offset)
+        for pred in chunks:
+            for j, i in enumerate(idx[pred.index]):
+                p = prompts[i]
+                prompt = {"box": p["box"]} if mode == "box" else dict(p["points"])
+                out[i] = MaskPrediction(pred.masks[j].numpy(), float(pred.pred_iou[j]), float(pred.stability[j]),
+                                        prompt, i)
+    return [m for m in out if m is not None]
+
+
+def segment_everything(generator: SamAutomaticMaskGenerator, image: np.ndarray) -> list[MaskPrediction]:
+    """All masks that ``SamAutomaticMaskGenerator`` keeps for ``image``, largest first."""
+    return [
+        MaskPrediction(m["segmentation"], float(m["predicted_iou"]), float(m["stability_score"]),
+                       {"point": [float(v) for v in m["point_coords"][0]]})
+        for m in generate_masks(generator, image)
+    ]

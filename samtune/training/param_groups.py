@@ -1,0 +1,107 @@
+"""Optimizer parameter groups: encoder learning-rate multiplier, layer-wise decay, no weight decay
+on norms, biases and position embeddings.
+
+Learning rate of each trainable parameter, with ``base_lr`` the optimizer's ``lr`` and ``depth`` the
+number of ViT blocks (blocks numbered from 0):
+
+* prompt encoder and mask decoder: ``base_lr``;
+* image encoder block ``i``: ``base_lr * encoder_lr_mult * layer_decay ** (depth - i)``;
+* patch embedding and absolute position embedding (below block 0): ``... * layer_decay ** (depth + 1)``;
+* neck (after the last block): like the last block, ``... * layer_decay ** 1``.
+
+With ``layer_decay=1`` and ``encoder_lr_mult=1`` every parameter gets ``base_lr``. LoRA matrices
+sit inside the blocks and follow the same rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+ENCODER = "image_encoder."
+NO_DECAY_NAMES = ("pos_embed", "rel_pos_h", "rel_pos_w")
+
+
+def encoder_layer(name: str, depth: int) -> int | None:
+    """Depth-from-the-top of an image encoder parameter (1 = last block / neck), None outside the encoder."""
+    if not name.startswith(ENCODER):
+        return None
+    rest = name[len(ENCODER):]
+    if rest.startswith("blocks."):
+        return depth - int(rest.split(".")[1])
+    if rest.startswith(("patch_embed.", "pos_embed")):
+        return depth + 1
+    return 1
+
+
+def lr_scale(name: str, *, depth: int, encoder_lr_mult: float = 1.0, layer_decay: float = 1.0) -> float:
+    """Factor on the base learning rate of the parameter called ``name`` (a :class:`Sam` parameter name)."""
+    layer = encoder_layer(name, depth)
+    if layer is None:
+        return 1.0
+    return encoder_lr_mult * layer_decay**layer
+
+
+def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """No weight decay on biases, norm weights (1-D tensors) and position embeddings."""
+    if param.ndim <= 1 or name.endswith(".bias"):
+        return False
+    return not any(part in NO_DECAY_NAMES for part in name.split("."))
+
+
+def _group_name(name: str, depth: int) -> str:
+    layer = encoder_layer(name, depth)
+    if layer is None:
+        return name.split(".")[0]
+    rest = name[len(ENCODER):]
+    if rest.startswith("blocks."):
+        return f"image_encoder.block{rest.split('.')[1]}"
+    return "image_encoder.embed" if layer == depth + 1 else "image_encoder.neck"
+
+
+def build_param_groups(
+    named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+    *,
+    depth: int,
+    encoder_lr_mult: float = 1.0,
+    layer_decay: float = 1.0,
+) -> list[dict]:
+    """Group the trainable parameters of a :class:`Sam` by learning-rate factor and weight decay.
+
+    Args:
+        named_parameters: ``sam.named_parameters()`` (names relative to the :class:`Sam`); frozen
+            parameters are skipped.
+        depth: Number of ViT blocks of the image encoder.
+        encoder_lr_mult: Factor on the image encoder's learning rate (``finetune.encoder_lr_mult``).
+        layer_decay: Layer-wise decay per block below the top (``finetune.layer_decay``), in (0, 1].
+
+    Returns:
+        Param groups for a ``torch.optim`` optimizer, each with ``params``, ``name`` and
+        ``lr_scale`` (multiply the group's learning rate by it once the optimizer exists, see
+        :func:`apply_lr_scales`); groups without weight decay carry ``weight_decay=0.0``, the
+        others take the optimizer's default.
+    """
+    if encoder_lr_mult < 0:
+        raise ValueError(f"finetune.encoder_lr_mult must be >= 0, got {encoder_lr_mult}")
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"finetune.layer_decay must be in (0, 1], got {layer_decay}")
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        decay = uses_weight_decay(name, param)
+        key = (_group_name(name, depth), decay)
+        if key not in groups:
+            scale = lr_scale(name, depth=depth, encoder_lr_mult=encoder_lr_mult, layer_decay=layer_decay)
+            groups[key] = {"params": [], "name": key[0] if decay else f"{key[0]}.no_wd", "lr_scale": scale}
+            if not decay:
+                groups[key]["weight_decay"] = 0.0
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+def apply_lr_scales(optimizer: torch.optim.Optimizer) -> None:
+    """Multiply each param group's learning rate by its ``lr_scale`` (before a scheduler is attached)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * group.get("lr_scale", 1.0)

@@ -1,0 +1,30 @@
+"""`scripts/benchmark.py --quick` runs every setting and prints parseable JSON lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.test_train_e2e import ROOT, run
+
+SETTINGS = {"decoder_only_uncached", "decoder_only_cached", "lora", "full", "prompts_batched", "prompts_per_prompt"}
+
+
+def test_benchmark_quick_prints_one_json_line_per_setting():
+    proc = run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "sam_tiny", "--images", "2",
+                "--quick", "--warmup", "0"], timeout=240)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    by_setting = {line["setting"]: line for line in lines}
+    assert set(by_setting) == SETTINGS | {"ratios"}
+    for name in SETTINGS:
+        line = by_setting[name]
+        assert line["images_per_s"] > 0 and line["prompts_per_s"] > 0 and line["peak_mem_mb"] > 0
+        assert line["peak_mem_kind"] == "rss_peak" and line["img_size"] == 256
+    # the cached epoch runs no encoder, the uncached one embeds every image; every prompt is decoded
+    assert by_setting["decoder_only_cached"]["images_encoded"] == 0
+    assert by_setting["decoder_only_uncached"]["images_encoded"] == 2
+    assert by_setting["decoder_only_cached"]["prompts"] == by_setting["decoder_only_uncached"]["prompts"] == 2 * 4
+    assert by_setting["prompts_batched"]["decoder_calls"] == 1 and by_setting["prompts_per_prompt"]["decoder_calls"] == 4
+    ratios = by_setting["ratios"]
+    assert ratios["cached_vs_uncached"] > 0 and ratios["batched_vs_per_prompt"] > 0
+    assert ratios["cached_vs_uncached_target"] == 20 and ratios["batched_vs_per_prompt_target"] == 5

@@ -1,0 +1,143 @@
+"""``scripts/predict.py``: outputs per image, prompt files, and the guards that protect the input and other runs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from pycocotools import mask as mask_utils
+
+from samtune.inference.outputs import OutputDirError
+from samtune.inference.predict import predict
+from samtune.inference.prompts_file import PromptFileError
+from samtune.model import build_model, save_sam_weights
+from tests.blob_data import write_blob_dataset
+from tests.test_train_e2e import ROOT, run
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("predict")
+    data = write_blob_dataset(tmp / "blobs", {"test": 2})
+    images = tmp / "images"
+    shutil.copytree(data / "test" / "images", images / "sub")
+    shutil.copy(images / "sub" / "test_0.png", images / "top.png")
+    ckpt = save_sam_weights(build_model("sam_tiny", seed=2).sam, tmp / "model.pth")
+    prompts = tmp / "prompts.json"
+    prompts.write_text(json.dumps({
+        "top.png": {"boxes": [[5, 5, 30, 25], [35, 20, 60, 44]],
+                    "points": [{"points": [[20, 15]], "labels": [1]}, {"points": [[40, 30], [5, 5]], "labels": [1, 0]},
+                               {"points": [[10, 40]], "labels": [1]}]},
+        "sub/test_1.png": {"boxes": [[0, 0, 20, 20]]},
+    }))
+    return tmp, images, ckpt, prompts
+
+
+def _digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cfg(*overrides):
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        return compose("predict", overrides=list(overrides))
+
+
+def test_points_from_the_command_line(setup):
+    tmp, images, ckpt, prompts = setup
+    before = _digest(images)
+    out = tmp / "out_points"
+    run([sys.executable, str(ROOT / "scripts" / "predict.py"), f"ckpt={ckpt}", f"input={images}", "mode=points",
+         f"prompts={prompts}", f"out={out}", f"hydra.run.dir={tmp / 'hydra_points'}"])
+    assert _digest(images) == before  # the input is never written to
+    doc = json.loads((out / "top_coco.json").read_text())
+    anns = doc["annotations"]
+    assert doc["images"][0]["file_name"] == "top.png" and len(anns) == 3
+    assert sorted(a["prompt_index"] for a in anns) == [0, 1, 2]
+    areas = [a["area"] for a in anns]
+    assert areas == sorted(areas, reverse=True) and [a["id"] for a in anns] == [1, 2, 3]
+    for a in anns:
+        assert {"predicted_iou", "stability_score", "score", "bbox", "segmentation"} <= set(a)
+        assert a["area"] == int(mask_utils.area(a["segmentation"]))
+    two = next(a for a in anns if a["prompt_index"] == 1)
+    assert two["prompt"] == {"points": [[40.0, 30.0], [5.0, 5.0]], "labels": [1, 0]}
+    ids = cv2.imread(str(out / "top_instances.png"), cv2.IMREAD_UNCHANGED)
+    assert ids.dtype == np.uint16 and ids.shape == (48, 64) and ids.max() <= 3
+    for a in anns:  # a mask's visible pixels in the PNG lie inside its RLE (smaller masks are drawn on top)
+        mask = mask_utils.decode(a["segmentation"]).astype(bool)
+        assert not np.any((ids == a["id"]) & ~mask)
+    overlay = cv2.imread(str(out / "top_overlay.png"))
+    assert overlay.shape == (48, 64, 3)
+    # images without prompts still get (empty) outputs; sub-folders are kept
+    assert json.loads((out / "sub" / "test_0_coco.json").read_text())["annotations"] == []
+    marker = json.loads((out / "predict_run.json").read_text())
+    assert marker["finished"] and marker["images"] == 3 and marker["settings"]["mode"] == "points"
+
+
+def test_auto_mode_writes_masks_largest_first(setup):
+    tmp, images, ckpt, _ = setup
+    out = tmp / "out_auto"
+    summary = predict(_cfg(f"ckpt={ckpt}", f"input={images / 'top.png'}", "mode=auto", f"out={out}",
+                           "auto.points_per_side=3", "auto.pred_iou_thresh=0", "auto.stability_score_thresh=0"))
+    assert summary["images"] == 1 and summary["masks"] >= 1
+    anns = json.loads((out / "top_coco.json").read_text())["annotations"]
+    assert len(anns) == summary["masks"]
+    assert [a["area"] for a in anns] == sorted((a["area"] for a in anns), reverse=True)
+    assert all("point" in a["prompt"] and 0 <= a["stability_score"] <= 1 for a in anns)
+    assert (out / "top_instances.png").is_file() and (out / "top_overlay.png").is_file()
+
+
+def test_box_mode_with_zoom(setup):
+    tmp, images, ckpt, prompts = setup
+    out = tmp / "out_box_zoom"
+    summary = predict(_cfg(f"ckpt={ckpt}", f"input={images}", "mode=box", f"prompt_file={prompts}", f"out={out}",
+                           "zoom=2"))
+    assert summary["masks"] == 3
+    anns = json.loads((out / "top_coco.json").read_text())["annotations"]
+    assert sorted(a["prompt"]["box"] for a in anns) == [[5.0, 5.0, 30.0, 25.0], [35.0, 20.0, 60.0, 44.0]]
+    assert "zoom" in json.loads((out / "predict_run.json").read_text())["settings"]["zoom"]
+
+
+def test_output_folder_guards(setup):
+    tmp, images, ckpt, prompts = setup
+    with pytest.raises(OutputDirError, match="inside the input folder"):
+        predict(_cfg(f"ckpt={ckpt}", f"input={images}", "mode=box", f"prompt_file={prompts}",
+                     f"out={images / 'predictions'}"))
+    base = [f"ckpt={ckpt}", f"input={images / 'top.png'}", "mode=auto", "auto.points_per_side=1"]
+    foreign = tmp / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match="not empty"):
+        predict(_cfg(*base, f"out={foreign}"))
+    assert (foreign / "notes.txt").read_text() == "mine"
+    out = tmp / "out_guard"
+    predict(_cfg(*base, f"out={out}"))
+    predict(_cfg(*base, f"out={out}"))  # the same run again may write into its own folder
+    with pytest.raises(OutputDirError, match="other settings"):
+        predict(_cfg(*base, f"out={out}", "auto.pred_iou_thresh=0.5"))
+    predict(_cfg(*base, f"out={out}", "auto.pred_iou_thresh=0.5", "overwrite=true"))
+    assert json.loads((out / "predict_run.json").read_text())["settings"]["auto"]["pred_iou_thresh"] == 0.5
+
+
+def test_prompt_file_errors(setup):
+    tmp, images, ckpt, _ = setup
+    bad = tmp / "bad.json"
+    base = [f"ckpt={ckpt}", f"input={images}", "mode=box", f"prompt_file={bad}", f"out={tmp / 'never'}"]
+    bad.write_text(json.dumps({"nope.png": {"boxes": [[0, 0, 5, 5]]}}))
+    with pytest.raises(PromptFileError, match="match no input image"):
+        predict(_cfg(*base))
+    bad.write_text(json.dumps({"top.png": {"boxes": [[10, 0, 5, 5]]}}))
+    with pytest.raises(PromptFileError, match=r"'top.png'.boxes\[0\].*x2 < x1"):
+        predict(_cfg(*base))
+    bad.write_text(json.dumps({"top.png": {"points": [{"points": [[1, 2]], "labels": [1, 0]}]}}))
+    with pytest.raises(PromptFileError, match="one 0 or 1 per point"):
+        predict(_cfg(*base[:2], "mode=points", *base[3:]))
+    with pytest.raises(ValueError, match="prompts= is required"):
+        predict(_cfg(*base[:3], f"out={tmp / 'never'}"))
+    assert not (tmp / "never").exists()

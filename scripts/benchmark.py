@@ -17,6 +17,8 @@ Settings (random weights, generated images with ``--prompts`` instances each, ``
 Each line: images/s, prompts/s (decoded prompts, all rounds), peak memory (``torch.cuda.max_memory_allocated`` on a
 GPU, the process's peak RSS during the setting on a CPU). The last line holds the two ratios and their targets:
 cached vs uncached epoch speed (>= 20x) and batched vs per-prompt prompts/s (>= 5x).
+An uncached epoch starts after ``--warmup`` untimed steps; the cached epoch after an untimed epoch that fills the
+cache. On a CPU shared with other jobs, ``--threads 1`` avoids oversubscribed OpenMP threads (README "Benchmark").
 """
 
 from __future__ import annotations

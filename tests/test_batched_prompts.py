@@ -17,6 +17,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 IMAGES, INSTANCES = 2, 6
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads competing with other jobs make these
+    small-tensor steps many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def batch() -> dict:
     masks = torch.zeros(IMAGES, INSTANCES, 256, 256, dtype=torch.bool)
     for b in range(IMAGES):

@@ -12,7 +12,7 @@ SETTINGS = {"decoder_only_uncached", "decoder_only_cached", "lora", "full", "pro
 
 def test_benchmark_quick_prints_one_json_line_per_setting():
     proc = run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "sam_tiny", "--images", "2",
-                "--quick", "--warmup", "0"], timeout=240)
+                "--quick", "--warmup", "0", "--threads", "1"], timeout=240)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     by_setting = {line["setting"]: line for line in lines}
     assert set(by_setting) == SETTINGS | {"ratios"}

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from tests.test_train_e2e import ROOT, run, tiny_args
 
 
-def test_ddp_two_cpu_processes_train_and_rank_zero_alone_writes_the_report(tmp_path):
+def test_ddp_two_cpu_processes_train_and_rank_zero_alone_writes_the_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on a shared 2-core machine: one thread each
     run_dir = tmp_path / "run"
     proc = run(tiny_args(tmp_path, run_dir, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
                          "data.batch_size=1", "trainer.limit_train_batches=2", "eval.modes=[box]", "eval.overlays=0",

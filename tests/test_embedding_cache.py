@@ -27,6 +27,16 @@ from tests.blob_data import write_blob_dataset
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads competing with other jobs make these
+    small-tensor steps many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.lru_cache(maxsize=4)
 def encoder(seed: int = 0, img_size: int = 256) -> torch.nn.Module:
     arch = {"img_size": img_size} if img_size != 256 else None

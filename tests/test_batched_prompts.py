@@ -12,19 +12,10 @@ from samtune.model import build_model
 from samtune.prompts import PromptPolicy, PromptSimulator
 from samtune.training.module import SamTuneModule
 
-pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+pytestmark = [pytest.mark.filterwarnings("ignore:You are trying to `self.log"), pytest.mark.usefixtures("one_thread")]
 
 IMAGES, INSTANCES = 2, 6
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, two OpenMP threads competing with other jobs make these
-    small-tensor steps many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def batch() -> dict:

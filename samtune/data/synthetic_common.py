@@ -230,3 +230,30 @@ def needs_generation(out_dir: str | Path, *, generator: str, version: int, count
     """Whether ``out_dir`` lacks a ``DONE.json`` matching these parameters."""
     params = {**{f"n_{split}": int(n) for split, n in counts.items()}, "seed": int(seed)}
     return not _same_dataset(_read_manifest(Path(out_dir)), generator, version, params)
+
+
+def split_counts(n_train: int, n_val: int, n_test: int) -> dict[str, int]:
+    """Images per split, in the order the splits are generated."""
+    return {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
+
+
+def ensure_generated(out_dir: str | Path, render: Renderer, *, generator: str, version: int,
+                     defaults: dict[str, int], params: dict[str, int]) -> Path:
+    """Generate a dataset unless ``out_dir/DONE.json`` records the same generator, version and parameters.
+
+    Args:
+        out_dir: Dataset folder.
+        render: ``rng -> (image, instances)`` of the generator.
+        generator: Generator name recorded in the manifest.
+        version: Generator version.
+        defaults: Default ``n_train``, ``n_val``, ``n_test``, ``seed``.
+        params: Overrides of ``defaults``.
+
+    Returns:
+        ``out_dir`` (absolute).
+    """
+    full = {**defaults, **params}
+    counts = split_counts(full["n_train"], full["n_val"], full["n_test"])
+    if needs_generation(out_dir, generator=generator, version=version, counts=counts, seed=full["seed"]):
+        return write_dataset(out_dir, render, generator=generator, version=version, counts=counts, seed=full["seed"])
+    return Path(out_dir).absolute()

@@ -19,10 +19,11 @@ import numpy as np
 
 from samtune.data.synthetic_common import (
     Canvas,
+    ensure_generated,
     linear_gradient,
-    needs_generation,
     random_size,
     smooth_noise,
+    split_counts,
     write_dataset,
 )
 
@@ -129,9 +130,6 @@ def render_medical(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return _fluorescence(rng, shape) if rng.random() < 0.6 else _histology(rng, shape)
 
 
-def _counts(n_train: int, n_val: int, n_test: int) -> dict[str, int]:
-    return {"train": n_train, "val": n_val, "test": n_test}
-
 
 def generate_medical_dataset(out_dir: str | Path, *, n_train: int = 48, n_val: int = 12, n_test: int = 16,
                              seed: int = 0) -> Path:
@@ -148,7 +146,7 @@ def generate_medical_dataset(out_dir: str | Path, *, n_train: int = 48, n_val: i
         ``out_dir`` (absolute), holding ``{split}/images``, ``{split}/masks`` and ``DONE.json``.
     """
     return write_dataset(out_dir, render_medical, generator=GENERATOR, version=VERSION,
-                         counts=_counts(n_train, n_val, n_test), seed=seed)
+                         counts=split_counts(n_train, n_val, n_test), seed=seed)
 
 
 def ensure_medical_dataset(out_dir: str | Path, **params: int) -> Path:
@@ -161,8 +159,5 @@ def ensure_medical_dataset(out_dir: str | Path, **params: int) -> Path:
     Returns:
         ``out_dir`` (absolute).
     """
-    full = {"n_train": 48, "n_val": 12, "n_test": 16, "seed": 0, **params}
-    counts = _counts(full["n_train"], full["n_val"], full["n_test"])
-    if needs_generation(out_dir, generator=GENERATOR, version=VERSION, counts=counts, seed=full["seed"]):
-        return generate_medical_dataset(out_dir, **full)
-    return Path(out_dir).absolute()
+    return ensure_generated(out_dir, render_medical, generator=GENERATOR, version=VERSION,
+                            defaults={"n_train": 48, "n_val": 12, "n_test": 16, "seed": 0}, params=params)

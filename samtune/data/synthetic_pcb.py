@@ -18,10 +18,11 @@ import numpy as np
 
 from samtune.data.synthetic_common import (
     Canvas,
+    ensure_generated,
     linear_gradient,
-    needs_generation,
     random_size,
     smooth_noise,
+    split_counts,
     write_dataset,
 )
 
@@ -236,9 +237,6 @@ def render_pcb(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return canvas.finish(rng, noise=float(rng.uniform(2, 5)), blur=float(rng.uniform(0.5, 0.9)))
 
 
-def _counts(n_train: int, n_val: int, n_test: int) -> dict[str, int]:
-    return {"train": n_train, "val": n_val, "test": n_test}
-
 
 def generate_pcb_dataset(out_dir: str | Path, *, n_train: int = 48, n_val: int = 12, n_test: int = 16,
                          seed: int = 0) -> Path:
@@ -255,7 +253,7 @@ def generate_pcb_dataset(out_dir: str | Path, *, n_train: int = 48, n_val: int =
         ``out_dir`` (absolute), holding ``{split}/images``, ``{split}/masks`` and ``DONE.json``.
     """
     return write_dataset(out_dir, render_pcb, generator=GENERATOR, version=VERSION,
-                         counts=_counts(n_train, n_val, n_test), seed=seed)
+                         counts=split_counts(n_train, n_val, n_test), seed=seed)
 
 
 def ensure_pcb_dataset(out_dir: str | Path, **params: int) -> Path:
@@ -268,8 +266,5 @@ def ensure_pcb_dataset(out_dir: str | Path, **params: int) -> Path:
     Returns:
         ``out_dir`` (absolute).
     """
-    full = {"n_train": 48, "n_val": 12, "n_test": 16, "seed": 0, **params}
-    counts = _counts(full["n_train"], full["n_val"], full["n_test"])
-    if needs_generation(out_dir, generator=GENERATOR, version=VERSION, counts=counts, seed=full["seed"]):
-        return generate_pcb_dataset(out_dir, **full)
-    return Path(out_dir).absolute()
+    return ensure_generated(out_dir, render_pcb, generator=GENERATOR, version=VERSION,
+                            defaults={"n_train": 48, "n_val": 12, "n_test": 16, "seed": 0}, params=params)

@@ -19,9 +19,10 @@ import numpy as np
 
 from samtune.data.synthetic_common import (
     Canvas,
+    ensure_generated,
     linear_gradient,
-    needs_generation,
     smooth_noise,
+    split_counts,
     write_dataset,
 )
 
@@ -207,21 +208,15 @@ def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = (256, 4
     return canvas.finish(rng, noise=float(rng.uniform(0, 10)), blur=float(rng.choice([0, 0.5, 1.0, 1.8])), min_area=6)
 
 
-def _counts(n_train: int, n_val: int, n_test: int) -> dict[str, int]:
-    return {"train": n_train, "val": n_val, "test": n_test}
-
 
 def generate_scenes_dataset(out_dir: str | Path, *, n_train: int = 2000, n_val: int = 32, n_test: int = 64,
                             seed: int = 0) -> Path:
     """Write generic scenes in the ``folder`` layout (byte-identical for one seed)."""
     return write_dataset(out_dir, render_scene, generator=GENERATOR, version=VERSION,
-                         counts=_counts(n_train, n_val, n_test), seed=seed)
+                         counts=split_counts(n_train, n_val, n_test), seed=seed)
 
 
 def ensure_scenes_dataset(out_dir: str | Path, **params: int) -> Path:
     """Generate the scenes unless ``out_dir/DONE.json`` records the same parameters."""
-    full = {"n_train": 2000, "n_val": 32, "n_test": 64, "seed": 0, **params}
-    counts = _counts(full["n_train"], full["n_val"], full["n_test"])
-    if needs_generation(out_dir, generator=GENERATOR, version=VERSION, counts=counts, seed=full["seed"]):
-        return generate_scenes_dataset(out_dir, **full)
-    return Path(out_dir).absolute()
+    return ensure_generated(out_dir, render_scene, generator=GENERATOR, version=VERSION,
+                            defaults={"n_train": 2000, "n_val": 32, "n_test": 64, "seed": 0}, params=params)

@@ -60,23 +60,47 @@ def dataset_root(d: DictConfig, where: str = "data") -> Path:
         raise ValueError(f"{where}.root is not set: pass {where}.root=DIR (see README: your own dataset)")
     root = Path(hydra.utils.to_absolute_path(str(d.root)))
     if d.get("generator"):
-        from samtune.data import synthetic_medical, synthetic_pcb, synthetic_scenes
+        from samtune.data import synthetic_medical, synthetic_pcb, synthetic_scenes, synthetic_volumes
 
         makers = {
             "pcb": synthetic_pcb.ensure_pcb_dataset,
             "medical": synthetic_medical.ensure_medical_dataset,
             "scenes": synthetic_scenes.ensure_scenes_dataset,
+            "volumes": synthetic_volumes.ensure_volume_dataset,
         }
         if d.generator not in makers:
             raise ValueError(f"{where}.generator={d.generator!r} is not one of {sorted(makers)}")
         makers[d.generator](root, **OmegaConf.to_container(d.get("generator_params") or {}))
+    if d.get("source") == "volume":
+        return sliced_volumes(d, root, where)
     return root
+
+
+def sliced_volumes(d: DictConfig, root: Path, where: str) -> Path:
+    """Slice the volumes under ``root`` (once) and return the root of the resulting folder dataset."""
+    from samtune.data.volumes import SliceSettings, ensure_volume_slices
+
+    if not d.get("binary_as_one_object", False):
+        raise ValueError(f"{where}.binary_as_one_object must be true for volumes: each label value of a slice is "
+                         "one object, which the per-volume 3-D Dice relies on")
+    v = OmegaConf.to_container(d.volume, resolve=True) if d.get("volume") else {}
+    slices_dir = Path(hydra.utils.to_absolute_path(str(v.pop("slices_dir", "data/volume_slices"))))
+    unknown = sorted(set(v) - set(SliceSettings.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{where}.volume: unknown keys {unknown}; valid: "
+                         f"{sorted(SliceSettings.__dataclass_fields__) + ['slices_dir']}")
+    if "percentiles" in v:
+        v["percentiles"] = tuple(v["percentiles"])
+    splits = sorted(p.name for p in root.iterdir() if (p / "images").is_dir()) if root.is_dir() else []
+    return ensure_volume_slices(root, splits or [str(d.get("train_split", "train"))], SliceSettings(**v), slices_dir,
+                                train_split=str(d.get("train_split", "train")))
 
 
 def scan_split(d: DictConfig, root: Path, split: str) -> tuple[list[ImageRecord], list[dict]]:
     """Records of one split of the dataset that data config ``d`` describes, and the files skipped."""
+    source = "folder" if d.source == "volume" else d.source  # volumes are read as their sliced folder dataset
     recs, bad = build_records(
-        d.source, root, split, skip_invalid=bool(d.skip_invalid), binary_as_one_object=bool(d.binary_as_one_object)
+        source, root, split, skip_invalid=bool(d.skip_invalid), binary_as_one_object=bool(d.binary_as_one_object)
     )
     log.info("%s split %s of %s: %d images%s", d.source, split, root, len(recs), f", {len(bad)} skipped" if bad else "")
     return recs, bad
@@ -113,7 +137,7 @@ def prepare_data(cfg: DictConfig, *, training: bool = True) -> tuple[Path, dict[
 
 EXTRA_SET_DEFAULTS = {
     "name": None, "source": "folder", "root": None, "split": "test", "generator": None, "generator_params": {},
-    "binary_as_one_object": False, "skip_invalid": False, "modes": None, "prompts_file": None,
+    "binary_as_one_object": False, "skip_invalid": False, "modes": None, "prompts_file": None, "volume": None,
 }
 
 

@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 import torch
 
+from samtune.data import volumes
 from samtune.data.records import ImageRecord, load_record
 from samtune.evaluation.auto import build_mask_generator, encode_masks, generate_masks, match_to_ground_truth
 from samtune.evaluation.clicks import model_click_predictor, run_clicks
@@ -44,7 +45,7 @@ def encode_rle(mask: np.ndarray) -> dict:
 
 def map_path(map_dir: Path, rel_path: str) -> Path:
     """Where the predicted instance map of image ``rel_path`` is stored (uint16 PNG)."""
-    return map_dir / f"{rel_path}.png"
+    return volumes.map_path(map_dir, rel_path)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from samtune.data.volumes import read_manifest, volume_dice
 from samtune.data.records import ImageRecord, load_record
 from samtune.evaluation.evaluator import PROMPT_MODES, EvalResult, evaluate_model
 from samtune.evaluation.overlays import overlay_name, plot_clicks, save_overlays
@@ -111,6 +112,9 @@ class EvalJob:
             default = run_dir / ("prompts.json" if s.name == MAIN else f"prompts_{s.name}.json")
             self.prompts[s.name] = fixed_prompts(s, default, seed)
         self.results: dict[str, dict[str, EvalResult]] = {s.name: {} for s in sets}
+        # volumes sliced by samtune: 3-D Dice per volume of the stacked slice predictions (model -> figures)
+        self.manifest = read_manifest(sets[0].root)
+        self.volumes: dict[str, dict] = {}
         main_modes = sets[0].modes
         self.map_mode = next((m for m in PROMPT_MODES if m in main_modes), None)
 
@@ -148,6 +152,11 @@ class EvalJob:
                                       "calibration": result.calibration})
             self.results[s.name][name] = result
             log.info("%s on %s: %s", name, s.name, {m: round(v["miou"], 4) for m, v in result.summary.items()})
+        if self.manifest is not None and self.map_mode:
+            self.volumes[name] = volume_dice(self.manifest, self.main.split, self.map_dir(name))
+            if self.volumes[name]:
+                log.info("%s: 3-D Dice over %d volumes (%s prompts per slice): %.4f", name,
+                         self.volumes[name]["n_volumes"], self.map_mode, self.volumes[name]["dice3d"] or 0.0)
         return {s: r[name] for s, r in self.results.items()}
 
     def _pictures(self) -> tuple[list[Path], list[dict], Path | None]:
@@ -195,6 +204,7 @@ class EvalJob:
         return write_report(
             self.run_dir, self.results[MAIN], skipped_files=main.skipped, meta=full_meta, overlays=overlays,
             extra_sets=extra, worst=worst, worst_mode=self.map_mode or "box", clicks_plot=plot,
+            volumes={"mode": self.map_mode, **self.volumes} if any(self.volumes.values()) else None,
         )
 
 
@@ -211,6 +221,9 @@ def report_metrics(report: dict) -> dict[str, float]:
                         out[f"{prefix}/{name}/{mode}_{key}"] = v[key]
 
     add("test", report)
+    for name, v in (report.get("volumes") or {}).items():
+        if isinstance(v, dict) and v.get("dice3d") is not None:
+            out[f"test/{name}/dice3d"] = v["dice3d"]
     for set_name, ex in (report.get("extra_sets") or {}).items():
         add(f"extra/{set_name}", ex)
     return {k: (float("nan") if v is None else float(v)) for k, v in out.items()}

@@ -186,6 +186,26 @@ def _worst_section(worst: list[dict], names: list[str], mode: str, run_dir: Path
     return lines + [""]
 
 
+def _volume_section(volumes: dict) -> list[str]:
+    """Per-volume 3-D Dice of the stacked slice predictions, one column per model."""
+    names = [n for n in ("zero_shot", "finetuned") if volumes.get(n)]
+    if not names:
+        return []
+    mode = MODE_TITLES.get(volumes.get("mode"), volumes.get("mode"))
+    cases = sorted({c for n in names for c in volumes[n]["per_volume"]})
+    lines = [f"## Volumes: 3-D Dice ({mode} prompts on every labelled slice, mean over labels)", "",
+             "| volume | " + " | ".join(n.replace("_", "-") for n in names) + " |",
+             "|---|" + "---:|" * len(names)]
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    for case in cases:
+        lines.append(f"| {case} | " + " | ".join(fmt(volumes[n]["per_volume"].get(case, {}).get("dice3d")) for n in names) + " |")
+    lines.append("| **mean** | " + " | ".join(f"**{fmt(volumes[n]['dice3d'])}**" for n in names) + " |")
+    return lines + [""]
+
+
 def write_report(
     run_dir: Path,
     results: dict[str, EvalResult],
@@ -197,6 +217,7 @@ def write_report(
     worst: list[dict] | None = None,
     worst_mode: str = "box",
     clicks_plot: Path | None = None,
+    volumes: dict | None = None,
 ) -> dict:
     """Write ``report.json``, ``instances.jsonl`` and ``report.md`` into ``run_dir``; return the JSON."""
     report: dict = {name: res.summary for name, res in results.items()}
@@ -211,6 +232,8 @@ def write_report(
                 "calibration": {n: r.calibration for n, r in ex.results.items()}, "skipped_files": ex.skipped_files}
             for s, ex in extra_sets.items()
         }
+    if volumes:
+        report["volumes"] = volumes
     if worst:
         report["worst_images"] = [{**w, "overlay": str(w["overlay"]) if w.get("overlay") else None} for w in worst]
     report["skipped_files"] = list(skipped_files)
@@ -237,6 +260,7 @@ def write_report(
     lines += _clicks_section(results, clicks_plot, run_dir)
     lines += _auto_section(results)
     lines += _calibration_section(results)
+    lines += _volume_section(volumes or {})
     lines += _extra_section(extra_sets or {})
     lines += _worst_section(worst or [], list(results), worst_mode, run_dir)
     if skipped_files:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from samtune.data.volumes import read_manifest, volume_dice
 from samtune.data.records import ImageRecord, load_record
+from samtune.data.volumes import read_manifest, volume_dice
 from samtune.evaluation.evaluator import PROMPT_MODES, EvalResult, evaluate_model
 from samtune.evaluation.overlays import overlay_name, plot_clicks, save_overlays
 from samtune.evaluation.report import ExtraSetResult, worst_images, write_report

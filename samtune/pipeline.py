@@ -166,7 +166,8 @@ def eval_sets(cfg: DictConfig, root: Path, records: dict, skipped: list[dict]) -
     return sets
 
 
-def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, resume_ckpt: Path | None) -> dict:
+def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, resume_ckpt: Path | None,
+        module_kwargs: dict | None = None) -> dict:
     """Fine-tune ``model`` in place; return the best validation score and checkpoint paths.
 
     With ``finetune=lora`` the adapters are merged into the base weights at the end, so ``model`` is a
@@ -205,6 +206,7 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
         checkpoint_meta=base_record,
         embedding_cache=cache,
         **OmegaConf.to_container(cfg.finetune),
+        **(module_kwargs or {}),
     )
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     if not records["val_split"]:
@@ -281,8 +283,18 @@ def train(cfg: DictConfig) -> dict:
 
     Under DDP (``trainer=ddp``) only global rank 0 evaluates and writes the report; other ranks only train.
     """
+    if cfg.get("engine"):
+        return train_engine(cfg)
     run_dir, resume_ckpt = start_run(cfg)
     root, records, skipped = prepare_data(cfg)
+    if cfg.data.get("labeled_fraction") is not None or cfg.data.get("labeled_ids") is not None:
+        from samtune.engine.split import split_labeled
+
+        records["train_split"], unlabeled = split_labeled(
+            records["train_split"], fraction=cfg.data.get("labeled_fraction"), ids=cfg.data.get("labeled_ids"),
+            seed=int(cfg.seed))
+        log.info("Training on the %d labelled images only (%d left unlabelled; the data engine uses them: "
+                 "engine=default)", len(records["train_split"]), len(unlabeled))
     model = start_model(cfg)
     if not is_global_zero():  # a DDP rank > 0 (started by Lightning's launcher, srun or torchrun)
         return fit(cfg, run_dir, model, records, resume_ckpt) if cfg.train else {}
@@ -297,6 +309,41 @@ def train(cfg: DictConfig) -> dict:
         job.evaluate(model, "finetuned")
     metrics.setdefault("val/miou", metrics.get("val/miou_best", float("nan")))
     return finish_run(run_dir, job, metrics)
+
+
+def train_engine(cfg: DictConfig) -> dict:
+    """The data engine (``engine=...``): zero-shot evaluation, then its rounds (resumed after the last completed
+    one), then the report with the final round as ``finetuned`` and a per-round table."""
+    from samtune.engine.runner import find_engine_run, run_engine
+
+    if int(cfg.trainer.get("devices", 1) or 1) > 1 or int(cfg.trainer.get("num_nodes", 1) or 1) > 1:
+        raise ValueError("engine: the data engine runs on one device (trainer.devices=1); its rounds alternate "
+                         "mask generation and training, which DDP would repeat on every rank")
+    run_dir, _ = start_run(cfg, allow_resume=False)
+    target = find_engine_run(run_dir)
+    if target != run_dir:
+        atomic_write_text(run_dir / "RESUMED_INTO.txt", f"{target}\n")
+        OmegaConf.update(cfg, "paths.output_dir", str(target))
+        run_dir = target
+    root, records, skipped = prepare_data(cfg)
+    model = start_model(cfg)
+    job = EvalJob(cfg, run_dir, eval_sets(cfg, root, records, skipped))
+    job.evaluate(model, "zero_shot")
+    if not cfg.train:
+        return finish_run(run_dir, job, {})
+    engine = run_engine(cfg, run_dir, model, records, job, root)
+    last = f"round_{len(engine['rounds']) - 1}"
+    for results in job.results.values():
+        if last in results:
+            results["finetuned"] = results.pop(last)
+        for name in [n for n in results if n.startswith("round_")]:
+            results.pop(name)
+    if last in job.volumes:
+        job.volumes["finetuned"] = job.volumes.pop(last)
+    job.volumes = {n: v for n, v in job.volumes.items() if not n.startswith("round_")}
+    job.engine = engine
+    save_sam_weights(model.sam, run_dir / "checkpoints" / "finetuned_sam.pth")
+    return finish_run(run_dir, job, {"val/miou": float("nan")})
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -129,6 +129,8 @@ class SamDataset(Dataset):
             "original_size": torch.tensor(image.shape[:2], dtype=torch.long),
             "index": index,
             "rel_path": record.rel_path,
+            "weight": float(record.weight),
+            "kind": record.kind,
         }
         if self.cache_keys:
             item["cache_key"] = image_content_key(resized)
@@ -155,7 +157,8 @@ def collate_instances(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
     Returns:
         Dict with ``image`` (``Bx3xSxS``), ``masks`` (bool ``BxMxSxS``, M = the largest count in
         the batch, at least 1), ``valid`` (bool ``BxM``, True for real masks), ``input_size``
-        and ``original_size`` (int64 ``Bx2``), ``index`` and ``rel_path`` (lists of length B), and
+        and ``original_size`` (int64 ``Bx2``), ``index``, ``rel_path`` and ``kind`` (lists of length B),
+        ``weight`` (float ``B``), and
         ``cache_key`` (list) when the items have one.
     """
     if not batch:
@@ -179,6 +182,8 @@ def collate_instances(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "original_size": torch.stack([item["original_size"] for item in batch]),
         "index": [item["index"] for item in batch],
         "rel_path": [item["rel_path"] for item in batch],
+        "weight": torch.tensor([float(item.get("weight", 1.0)) for item in batch]),
+        "kind": [item.get("kind", "labeled") for item in batch],
     }
     if all("cache_key" in item for item in batch):
         out["cache_key"] = [item["cache_key"] for item in batch]

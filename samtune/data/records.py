@@ -27,6 +27,9 @@ class ImageRecord:
         mask_path: Mask file (see ``load_instance_mask``), or None.
         coco_anns: COCO annotation dicts of this image, or None.
         coco_size: ``(height, width)`` the COCO file declares for this image, checked on load.
+        weight: Loss weight of this image's masks in training (pseudo-labels of the data engine < 1).
+        kind: ``"labeled"`` (human masks), ``"pseudo"`` (kept pseudo-labels, trained as labels) or ``"teacher"``
+            (unlabelled image whose masks only place prompts; its targets come from the EMA teacher).
     """
 
     image_path: Path
@@ -35,6 +38,8 @@ class ImageRecord:
     mask_path: Path | None = None
     coco_anns: tuple[dict[str, Any], ...] | None = None
     coco_size: tuple[int, int] | None = None
+    weight: float = 1.0
+    kind: str = "labeled"
 
     @property
     def image_id(self) -> str:

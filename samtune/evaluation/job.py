@@ -115,6 +115,7 @@ class EvalJob:
         # volumes sliced by samtune: 3-D Dice per volume of the stacked slice predictions (model -> figures)
         self.manifest = read_manifest(sets[0].root)
         self.volumes: dict[str, dict] = {}
+        self.engine: dict | None = None  # the data engine's rounds, when it ran
         main_modes = sets[0].modes
         self.map_mode = next((m for m in PROMPT_MODES if m in main_modes), None)
 
@@ -205,6 +206,7 @@ class EvalJob:
             self.run_dir, self.results[MAIN], skipped_files=main.skipped, meta=full_meta, overlays=overlays,
             extra_sets=extra, worst=worst, worst_mode=self.map_mode or "box", clicks_plot=plot,
             volumes={"mode": self.map_mode, **self.volumes} if any(self.volumes.values()) else None,
+            engine=self.engine,
         )
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from pathlib import Path
 from samtune.evaluation.evaluator import EvalResult
 from samtune.evaluation.overlays import MODE_TITLES
 from samtune.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 CLICK_COLUMNS = (1, 2, 3, 5, 10, 20)
 
@@ -186,6 +189,67 @@ def _worst_section(worst: list[dict], names: list[str], mode: str, run_dir: Path
     return lines + [""]
 
 
+def engine_json(engine: dict, zero_shot: EvalResult | None) -> dict:
+    """``report.json``'s ``engine`` block: one entry per round with ``<mode>_miou`` on the test split."""
+    rounds = []
+    for r in engine["rounds"]:
+        entry = {"round": r["round"], "stage": r["stage"], **{f"{m}_miou": v for m, v in (r.get("test") or {}).items()}}
+        for key in ("proposed", "kept", "rejected", "kept_hidden_iou", "thresholds", "threshold_choice", "n_train_images"):
+            if key in r:
+                entry[key] = r[key]
+        rounds.append(entry)
+    out = {"labeled_images": engine.get("labeled"), "unlabeled_images": engine.get("unlabeled"), "rounds": rounds}
+    if zero_shot is not None:
+        out["zero_shot"] = {f"{m}_miou": v["miou"] for m, v in zero_shot.summary.items()}
+    return out
+
+
+def _engine_section(engine: dict, run_dir: Path) -> list[str]:
+    """Per-round table and a plot of test mIoU over rounds."""
+    rounds = engine["rounds"]
+    modes = [k[: -len("_miou")] for k in (rounds[0] if rounds else {}) if k.endswith("_miou")]
+    lines = [f"## Data engine ({engine.get('labeled_images')} labelled, {engine.get('unlabeled_images')} unlabelled "
+             "training images)", "",
+             "| round | stage | " + " | ".join(f"{MODE_TITLES.get(m, m)} mIoU" for m in modes)
+             + " | masks proposed | kept | rejected | kept masks' IoU with hidden labels |",
+             "|---|---|" + "---:|" * (len(modes) + 4)]
+    zs = engine.get("zero_shot") or {}
+    if zs:
+        lines.append("| - | zero-shot | " + " | ".join(_fmt(zs.get(f"{m}_miou")) for m in modes) + " | | | | |")
+    for r in rounds:
+        cells = " | ".join(_fmt(r.get(f"{m}_miou")) for m in modes)
+        extra = " | ".join("" if r.get(k) is None else (_fmt(r[k]) if k == "kept_hidden_iou" else str(r[k]))
+                           for k in ("proposed", "kept", "rejected", "kept_hidden_iou"))
+        lines.append(f"| {r['round']} | {r['stage']} | {cells} | {extra} |")
+    lines.append("")
+    for r in rounds:
+        if r.get("threshold_choice"):
+            c = r["threshold_choice"]
+            lines.append(f"Round {r['round']}: thresholds chosen on validation {r.get('thresholds')} (F1 {_fmt(c.get('f1'))}; "
+                         f"predicted vs true IoU of the proposals: Spearman {_fmt(c.get('spearman'))}, ECE {_fmt(c.get('ece'))}).")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        xs = [-1] + [r["round"] for r in rounds] if zs else [r["round"] for r in rounds]
+        for m in modes:
+            ys = ([zs.get(f"{m}_miou")] if zs else []) + [r.get(f"{m}_miou") for r in rounds]
+            ax.plot(xs, ys, marker="o", label=MODE_TITLES.get(m, m))
+        ax.set_xlabel("round (-1: zero-shot)")
+        ax.set_ylabel("test mIoU")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / "engine_rounds.png", dpi=100)
+        plt.close(fig)
+        lines += ["", "![mIoU over rounds](engine_rounds.png)"]
+    except Exception as exc:  # the table is the result; a missing plot is not worth failing a run
+        log.warning("could not plot the engine rounds: %s", exc)
+    return lines + [""]
+
+
 def _volume_section(volumes: dict) -> list[str]:
     """Per-volume 3-D Dice of the stacked slice predictions, one column per model."""
     names = [n for n in ("zero_shot", "finetuned") if volumes.get(n)]
@@ -218,6 +282,7 @@ def write_report(
     worst_mode: str = "box",
     clicks_plot: Path | None = None,
     volumes: dict | None = None,
+    engine: dict | None = None,
 ) -> dict:
     """Write ``report.json``, ``instances.jsonl`` and ``report.md`` into ``run_dir``; return the JSON."""
     report: dict = {name: res.summary for name, res in results.items()}
@@ -234,6 +299,8 @@ def write_report(
         }
     if volumes:
         report["volumes"] = volumes
+    if engine:
+        report["engine"] = engine_json(engine, results.get("zero_shot"))
     if worst:
         report["worst_images"] = [{**w, "overlay": str(w["overlay"]) if w.get("overlay") else None} for w in worst]
     report["skipped_files"] = list(skipped_files)
@@ -261,6 +328,8 @@ def write_report(
     lines += _auto_section(results)
     lines += _calibration_section(results)
     lines += _volume_section(volumes or {})
+    if engine:
+        lines += _engine_section(report["engine"], run_dir)
     lines += _extra_section(extra_sets or {})
     lines += _worst_section(worst or [], list(results), worst_mode, run_dir)
     if skipped_files:

@@ -1,0 +1,223 @@
+"""The data engine: labelled split, threshold choice, pseudo-label files, EMA teacher, rounds and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from samtune.data.records import ImageRecord, load_record
+from samtune.data.sources import scan_folder
+from samtune.engine.pseudo import Proposal, Thresholds, choose_thresholds, pseudo_records, write_pseudo_labels
+from samtune.engine.runner import plan
+from samtune.engine.split import split_labeled
+from samtune.evaluation.auto import encode_masks
+from tests.blob_data import write_blob_dataset
+from tests.test_finetune_modes import make_module, tiny_batch
+from tests.test_train_e2e import ROOT
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
+
+
+def _records(n: int) -> list[ImageRecord]:
+    return [ImageRecord(image_path=Path(f"/x/{i:02d}.png"), rel_path=f"train/images/{i:02d}.png", split="train")
+            for i in range(n)]
+
+
+def test_split_labeled_is_deterministic_and_validated():
+    records = _records(20)
+    labeled, unlabeled = split_labeled(records, fraction=0.1, seed=3)
+    assert len(labeled) == 2 and len(unlabeled) == 18
+    assert {r.rel_path for r in labeled}.isdisjoint(r.rel_path for r in unlabeled)
+    assert split_labeled(list(reversed(records)), fraction=0.1, seed=3)[0] == labeled
+    assert split_labeled(records, fraction=0.1, seed=4)[0] != labeled
+    assert len(split_labeled(records, fraction=0.001)[0]) == 1  # at least one labelled image
+    assert split_labeled(records) == (records, [])
+    labeled, _ = split_labeled(records, ids=["03", "train/images/07.png"], fraction=0.5)
+    assert [r.image_id for r in labeled] == ["03", "07"]
+    with pytest.raises(ValueError, match=r"data.labeled_ids: no training image with the id\(s\) \['nope'\]"):
+        split_labeled(records, ids=["nope"])
+    with pytest.raises(ValueError, match="data.labeled_fraction must be in"):
+        split_labeled(records, fraction=1.5)
+
+
+def test_plan_orders_the_stages():
+    from omegaconf import OmegaConf
+
+    assert plan(OmegaConf.create({"rounds": 2, "semi": {"enabled": True}})) == [
+        "supervised", "semi_supervised", "pseudo_label", "pseudo_label"]
+    assert plan(OmegaConf.create({"rounds": 0, "semi": {"enabled": False}})) == ["supervised"]
+    with pytest.raises(ValueError, match="engine.rounds"):
+        plan(OmegaConf.create({"rounds": -1}))
+
+
+def _proposals(records, rng):
+    """Per image: each ground-truth instance (good, high scores) plus a shifted copy (bad, lower scores)."""
+    out = {}
+    for r in records:
+        _, inst = load_record(r)
+        props = []
+        for i in range(1, int(inst.max()) + 1):
+            good = inst == i
+            bad = np.roll(good, 12, axis=1)
+            props.append(Proposal(encode_masks([good])[0], int(good.sum()), [0, 0, 1, 1], rng.uniform(0.8, 0.95),
+                                  rng.uniform(0.9, 1.0)))
+            props.append(Proposal(encode_masks([bad])[0], int(bad.sum()), [0, 0, 1, 1], rng.uniform(0.55, 0.7),
+                                  rng.uniform(0.6, 0.85)))
+        out[r.rel_path] = props
+    return out
+
+
+def test_thresholds_from_validation_separate_good_from_bad_masks(tmp_path):
+    root = write_blob_dataset(tmp_path / "blobs", {"val": 4})
+    records, _ = scan_folder(root, "val")
+    thresholds, stats = choose_thresholds(_proposals(records, np.random.default_rng(0)), records)
+    assert 0.7 < thresholds.pred_iou <= 0.8 or 0.85 < thresholds.stability <= 0.9
+    assert stats["f1"] == 1.0 and stats["precision"] == 1.0 and stats["recall"] == 1.0
+    assert stats["spearman"] > 0.5 and stats["n"] == 2 * stats["n_good"]
+
+
+def test_pseudo_label_file_round_trips_with_provenance(tmp_path):
+    root = write_blob_dataset(tmp_path / "blobs", {"train": 3})
+    records, _ = scan_folder(root, "train")
+    props = _proposals(records, np.random.default_rng(1))
+    thresholds = Thresholds(0.75, 0.5)
+    kept = {p: [m for m in ms if thresholds.keeps(m)] for p, ms in props.items()}
+    kept[records[2].rel_path] = []  # an image where nothing passed
+    path = write_pseudo_labels(tmp_path / "engine" / "round_2" / "pseudo_labels.json", records, kept, round_index=2,
+                               stage="pseudo_label", model_hash="abc", thresholds=thresholds, root=root)
+    data = json.loads(path.read_text())
+    ann = data["annotations"][0]
+    assert ann["provenance"]["round"] == 2 and ann["provenance"]["model_checkpoint_sha256"] == "abc"
+    assert ann["provenance"]["thresholds"] == {"pred_iou_thresh": 0.75, "stability_score_thresh": 0.5}
+    assert set(ann["provenance"]) >= {"source_image", "predicted_iou", "stability_score"}
+    assert not list(path.parent.glob("*.tmp*"))
+    out = pseudo_records(path, records, weight=0.5, kind="pseudo")
+    assert [r.rel_path for r in out] == [r.rel_path for r in records[:2]]
+    for record, source in zip(out, records, strict=False):
+        _, truth = load_record(source)
+        _, pseudo = load_record(record)
+        assert record.weight == 0.5 and record.kind == "pseudo"
+        assert pseudo.max() == truth.max()  # the good copies passed, the shifted ones did not
+        assert np.array_equal(pseudo > 0, truth > 0)
+    assert sorted(p.name for p in (root / "train" / "masks").iterdir()) == sorted(
+        f"{r.image_id}.png" for r in records)  # labelled data untouched
+
+
+def test_pseudo_weights_scale_the_loss():
+    module = make_module("decoder_only")
+    batch = tiny_batch()
+    full = module.training_step({**batch, "weight": torch.tensor([1.0])}, 0)
+    half = module.training_step({**batch, "weight": torch.tensor([0.5])}, 0)
+    assert torch.allclose(half, full * 0.5)
+
+
+def test_ema_teacher_supervises_unlabelled_images_and_follows_the_student():
+    module = make_module("decoder_only", teacher={"ema": 0.5, "confidence": 0.0, "feature_dropout": 0.3, "weight": 1.0})
+    assert not any(k.startswith("teacher") for k in module.state_dict())  # never checkpointed
+    batch = {**tiny_batch(), "kind": ["teacher"], "weight": torch.tensor([1.0])}
+    with torch.no_grad():  # a student whose box predictions are not empty, so the teacher has targets
+        module.model.sam.mask_decoder.output_hypernetworks_mlps[0].layers[-1].bias.fill_(0.5)
+    module.teacher[0]["mask_decoder"].load_state_dict(module.model.sam.mask_decoder.state_dict())
+    loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    grads = [p.grad for p in module.model.sam.mask_decoder.parameters() if p.grad is not None]
+    assert grads and all(not any(p.requires_grad for p in m.parameters()) for m in module.teacher[0].values())
+    student = module.model.sam.mask_decoder.output_upscaling[0].weight
+    teacher = module.teacher[0]["mask_decoder"].output_upscaling[0].weight
+    with torch.no_grad():
+        student.add_(1.0)
+    before = teacher.clone()
+    module.on_train_batch_end(None, batch, 0)
+    assert torch.allclose(teacher, 0.5 * before + 0.5 * student)
+    with pytest.raises(ValueError, match="engine.semi.confidence"):
+        make_module("decoder_only", teacher={"ema": 0.5, "confidence": 2.0})
+    with pytest.raises(ValueError, match="a batch holds unlabelled"):
+        make_module("decoder_only").training_step(batch, 0)
+
+
+def _engine_args(tmp_path, run_dir, *extra):
+    return [
+        sys.executable, str(ROOT / "train.py"), "experiment=pcb_data_engine", "debug=tiny",
+        f"data.root={tmp_path / 'blobs'}", "data.generator=null", "data.augment=none", "data.labeled_fraction=0.25",
+        "data.batch_size=2", "data.max_instances=3", "prompts.correction_rounds=0", "engine.rounds=1",
+        "engine.amg.points_per_side=4", "engine.pred_iou_thresh=0", "engine.stability_score_thresh=0",
+        "engine.semi.prompt_iou_thresh=0", "engine.semi.prompt_stability_thresh=0", "eval.modes=[box]",
+        "eval.overlays=1", "eval.worst=1", f"hydra.run.dir={run_dir}", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def engine_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    write_blob_dataset(tmp / "blobs", {"train": 8, "val": 1, "test": 2})
+    run_dir = tmp / "runs" / "a"
+    proc = subprocess.run(_engine_args(tmp, run_dir), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return tmp, run_dir
+
+
+def test_engine_runs_every_stage_and_reports_rounds(engine_run):
+    _, run_dir = engine_run
+    report = json.loads((run_dir / "report.json").read_text())
+    rounds = report["engine"]["rounds"]
+    assert [(r["round"], r["stage"]) for r in rounds] == [(0, "supervised"), (1, "semi_supervised"), (2, "pseudo_label")]
+    assert all(0 <= r["box_miou"] <= 1 for r in rounds)
+    assert rounds[-1]["box_miou"] == report["finetuned"]["box"]["miou"]
+    assert report["engine"]["labeled_images"] == 2 and report["engine"]["unlabeled_images"] == 6
+    assert rounds[2]["proposed"] == rounds[2]["kept"] + rounds[2]["rejected"] > 0
+    assert 0 <= rounds[2]["kept_hidden_iou"] <= 1
+    md = (run_dir / "report.md").read_text()
+    assert "## Data engine" in md and "| 2 | pseudo_label |" in md and (run_dir / "engine_rounds.png").is_file()
+    split = json.loads((run_dir / "engine" / "split.json").read_text())
+    labels = json.loads((run_dir / "engine" / "round_2" / "pseudo_labels.json").read_text())
+    assert {i["file_name"] for i in labels["images"]} == set(split["unlabeled"])  # only unlabelled images
+
+
+def test_engine_resumes_after_the_last_completed_round(engine_run):
+    tmp, run_dir = engine_run
+    edir = run_dir / "engine"
+    stamps = {p: p.stat().st_mtime_ns for p in edir.rglob("*") if p.is_file()}
+    # as if killed during round 2's training: its DONE marker and the end of the run are missing
+    (edir / "round_2" / "DONE.json").unlink()
+    (edir / "FINISHED.json").unlink()
+    again = tmp / "runs" / "b"  # the same command again (Hydra gives it a new directory)
+    proc = subprocess.run(_engine_args(tmp, again), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (again / "RESUMED_INTO.txt").read_text().strip() == str(run_dir)
+    kept = [p for p in stamps if "round_2" not in p.parts or p.name == "pseudo_labels.json"]
+    kept = [p for p in kept if p.name != "FINISHED.json"]
+    assert any("round_0" in p.parts for p in kept) and any(p.name == "pseudo_labels.json" for p in kept)
+    for path in kept:  # completed rounds and this round's pseudo-labels are not rewritten
+        assert path.stat().st_mtime_ns == stamps[path], f"{path} was rewritten"
+    assert (edir / "round_2" / "DONE.json").is_file() and (edir / "FINISHED.json").is_file()
+
+
+def test_killed_engine_continues_with_the_same_command(tmp_path):
+    write_blob_dataset(tmp_path / "blobs", {"train": 8, "val": 1, "test": 2})
+    run_dir = tmp_path / "run"
+    args = _engine_args(tmp_path, run_dir)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done0 = run_dir / "engine" / "round_0" / "DONE.json"
+    deadline = time.time() + 400
+    while not done0.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert done0.is_file(), "round 0 never completed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = done0.read_bytes(), done0.stat().st_mtime_ns
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (done0.read_bytes(), done0.stat().st_mtime_ns) == first
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [r["round"] for r in report["engine"]["rounds"]] == [0, 1, 2]

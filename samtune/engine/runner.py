@@ -119,8 +119,7 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
         train_records: list[ImageRecord] = list(labeled)
         module_kwargs: dict = {}
         if stage in ("semi_supervised", "pseudo_label"):
-            source = weights if weights is not None else None
-            model_hash = checkpoint_hash(source) if source else "start"
+            model_hash = checkpoint_hash(weights) if weights is not None else "start"
             if stage == "pseudo_label":
                 thresholds = Thresholds(float(engine.pred_iou_thresh), float(engine.stability_score_thresh))
                 if engine.get("thresholds_from_val") and records["val_split"]:

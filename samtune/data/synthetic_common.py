@@ -178,13 +178,36 @@ def _install(tmp: Path, out_dir: Path, generator: str, version: int, params: dic
     raise DataError.at(out_dir, "could not move the generated dataset into place")
 
 
+def write_generated(out_dir: str | Path, write: Callable[[Path], dict], *, generator: str, version: int,
+                    counts: dict[str, int], seed: int) -> Path:
+    """Write a generated dataset atomically: ``write(tmp)`` fills a temporary sibling of ``out_dir`` and returns
+    its stats, ``DONE.json`` records generator, version, parameters and stats, then the folder is renamed to
+    ``out_dir``. An existing ``out_dir`` is replaced only if a samtune generator wrote it.
+    """
+    out_dir = Path(out_dir).absolute()
+    if not _replaceable(out_dir):
+        raise DataError.at(out_dir, "exists and was not written by a samtune generator; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    params = {**{f"n_{split}": int(n) for split, n in counts.items()}, "seed": int(seed)}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is ordinary shared data
+    try:
+        stats = write(tmp)
+        manifest = {"generator": generator, "version": version, "params": params, "stats": stats}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _install(tmp, out_dir, generator, version, params)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def write_dataset(out_dir: str | Path, render: Renderer, *, generator: str, version: int,
                   counts: dict[str, int], seed: int) -> Path:
-    """Generate a dataset in the ``folder`` layout, atomically.
+    """Generate a dataset in the ``folder`` layout, atomically (see :func:`write_generated`).
 
     Writes ``{split}/images/<split>_<i>.png`` (RGB) and ``{split}/masks/<split>_<i>.png``
-    (uint16 instance ids) and ``DONE.json`` into a temporary sibling of ``out_dir``, then renames
-    it to ``out_dir``. An existing ``out_dir`` is replaced only if a samtune generator wrote it.
+    (uint16 instance ids) and ``DONE.json``.
 
     Args:
         out_dir: Dataset folder.
@@ -197,14 +220,7 @@ def write_dataset(out_dir: str | Path, render: Renderer, *, generator: str, vers
     Returns:
         ``out_dir``.
     """
-    out_dir = Path(out_dir).absolute()
-    if not _replaceable(out_dir):
-        raise DataError.at(out_dir, "exists and was not written by a samtune generator; refusing to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    params = {**{f"n_{split}": int(n) for split, n in counts.items()}, "seed": int(seed)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is ordinary shared data
-    try:
+    def write(tmp: Path) -> dict:
         stats: dict[str, dict[str, int]] = {}
         for split_index, (split, count) in enumerate(counts.items()):
             (tmp / split / "images").mkdir(parents=True)
@@ -217,13 +233,9 @@ def write_dataset(out_dir: str | Path, render: Renderer, *, generator: str, vers
                 Image.fromarray(instances.astype(np.uint16)).save(tmp / split / "masks" / name, format="PNG")
                 total += int(instances.max())
             stats[split] = {"images": count, "instances": total}
-        manifest = {"generator": generator, "version": version, "params": params, "stats": stats}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _install(tmp, out_dir, generator, version, params)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        return stats
+
+    return write_generated(out_dir, write, generator=generator, version=version, counts=counts, seed=seed)
 
 
 def needs_generation(out_dir: str | Path, *, generator: str, version: int, counts: dict[str, int], seed: int) -> bool:

@@ -9,14 +9,11 @@ slice: 1 an organ (a large smooth blob), 2 a pair of small bright bean-shaped st
 
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from samtune.data.errors import DataError
-from samtune.data.synthetic_common import MANIFEST, _install, _replaceable, needs_generation, split_counts
+from samtune.data.synthetic_common import needs_generation, split_counts, write_generated
 
 GENERATOR = "samtune.data.synthetic_volumes"
 VERSION = 1
@@ -75,13 +72,10 @@ def ensure_volume_dataset(out_dir: str | Path, *, n_train: int = 8, n_val: int =
     counts = split_counts(n_train, n_val, n_test)
     if not needs_generation(out_dir, generator=GENERATOR, version=VERSION, counts=counts, seed=seed):
         return out_dir
-    if not _replaceable(out_dir):
-        raise DataError.at(out_dir, "exists and was not written by a samtune generator; refusing to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    params = {**{f"n_{s}": int(n) for s, n in counts.items()}, "seed": int(seed)}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     affine = np.diag([1.0, 1.0, 2.5, 1.0])  # 1 x 1 x 2.5 mm voxels
-    try:
+
+    def write(tmp: Path) -> dict:
+        stats = {}
         for split_index, (split, count) in enumerate(counts.items()):
             if count == 0:
                 continue
@@ -92,12 +86,7 @@ def ensure_volume_dataset(out_dir: str | Path, *, n_train: int = 8, n_val: int =
                 name = f"{split}_{i:03d}.nii.gz"
                 nib.save(nib.Nifti1Image(hu.round().astype(np.int16), affine), tmp / split / "images" / name)
                 nib.save(nib.Nifti1Image(labels, affine), tmp / split / "labels" / name)
-        manifest = {"generator": GENERATOR, "version": VERSION, "params": params}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        _install(tmp, out_dir, GENERATOR, VERSION, params)
-    finally:
-        if tmp.exists():
-            import shutil
+            stats[split] = {"volumes": count}
+        return stats
 
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return write_generated(out_dir, write, generator=GENERATOR, version=VERSION, counts=counts, seed=seed)

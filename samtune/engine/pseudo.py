@@ -71,17 +71,21 @@ def propose(model: PromptableSam, records: list[ImageRecord], amg: Mapping, *, d
     return out
 
 
+def _true_iou(record: ImageRecord, masks: list[Proposal], binary_as_one_object: bool) -> list[float]:
+    """IoU of each mask with its best-matching ground-truth instance of ``record``."""
+    _, instances = load_record(record, binary_as_one_object=binary_as_one_object)
+    gt = encode_masks([instances == i for i in range(1, int(instances.max()) + 1)])
+    return match_to_ground_truth([p.rle for p in masks], gt).pred_best_iou.tolist()
+
+
 def hidden_label_iou(records: list[ImageRecord], kept: Mapping[str, list[Proposal]],
                      binary_as_one_object: bool = False) -> list[float]:
     """IoU of each kept mask with its best-matching hidden ground-truth instance (only to measure quality)."""
     ious: list[float] = []
     for record in records:
         masks = kept.get(record.rel_path) or []
-        if not masks:
-            continue
-        _, instances = load_record(record, binary_as_one_object=binary_as_one_object)
-        gt = encode_masks([instances == i for i in range(1, int(instances.max()) + 1)])
-        ious += match_to_ground_truth([p.rle for p in masks], gt).pred_best_iou.tolist()
+        if masks:
+            ious += _true_iou(record, masks, binary_as_one_object)
     return ious
 
 
@@ -102,9 +106,7 @@ def choose_thresholds(proposals: Mapping[str, list[Proposal]], records: list[Ima
         props = proposals.get(record.rel_path) or []
         if not props:
             continue
-        _, instances = load_record(record, binary_as_one_object=binary_as_one_object)
-        gt = encode_masks([instances == i for i in range(1, int(instances.max()) + 1)])
-        true += match_to_ground_truth([p.rle for p in props], gt).pred_best_iou.tolist()
+        true += _true_iou(record, props, binary_as_one_object)
         pred += [p.predicted_iou for p in props]
         stab += [p.stability_score for p in props]
     pred_a, stab_a, true_a = np.asarray(pred), np.asarray(stab), np.asarray(true)

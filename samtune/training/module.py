@@ -281,6 +281,12 @@ class SamTuneModule(L.LightningModule):
         dice = 1 - (2 * (probs * target).flatten(1).sum(-1) + 1) / (probs.flatten(1).sum(-1) + (target * trusted).flatten(1).sum(-1) + 1)
         return bce + dice
 
+    def on_train_start(self) -> None:
+        if self.teacher is not None and self.global_step > 0:
+            # Resumed from a checkpoint (which holds no teacher): the teacher restarts from the restored student.
+            for name, module in self.teacher[0].items():
+                module.load_state_dict(getattr(self.model.sam, name).state_dict())
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.teacher is None:
             return

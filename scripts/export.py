@@ -23,25 +23,15 @@ from __future__ import annotations
 import logging
 import sys
 
-from omegaconf import OmegaConf
-
 KEYS = {"ckpt", "out", "onnx", "overwrite", "base", "model_type", "arch", "seed", "lora", "use_best", "half",
         "onnx_opset", "onnx_single_mask"}
 
 
 def parse(argv: list[str]) -> dict:
     """key=value arguments -> dict (OmegaConf dot-list syntax, e.g. ``lora.rank=8``)."""
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"arguments are key=value, got {bad}\n\n{__doc__}")
-    args = OmegaConf.to_container(OmegaConf.from_dotlist(argv))
-    unknown = sorted(set(args) - KEYS)
-    if unknown:
-        raise SystemExit(f"unknown arguments {unknown}; valid: {sorted(KEYS)}\n\n{__doc__}")
-    for key in ("ckpt", "out"):
-        if not args.get(key):
-            raise SystemExit(f"{key}=... is required\n\n{__doc__}")
-    return args
+    from samtune.cli import parse_key_values
+
+    return parse_key_values(argv, KEYS, __doc__, required=("ckpt", "out"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,6 @@ import logging
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 KEYS = {"out", "model", "arch", "seed", "steps", "prompts", "lr", "overwrite"}
 
 
@@ -32,15 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help", "help") for a in argv):
         print(__doc__)
         return 0
-    bad = [a for a in argv if "=" not in a]
-    if bad:
-        raise SystemExit(f"arguments are key=value, got {bad}\n\n{__doc__}")
-    args = OmegaConf.to_container(OmegaConf.from_dotlist(argv))
-    unknown = sorted(set(args) - KEYS)
-    if unknown:
-        raise SystemExit(f"unknown arguments {unknown}; valid: {sorted(KEYS)}\n\n{__doc__}")
-    if not args.get("out"):
-        raise SystemExit(f"out=... is required\n\n{__doc__}")
+    from samtune.cli import parse_key_values
+
+    args = parse_key_values(argv, KEYS, __doc__, required=("out",))
     out = Path(args["out"])
     if out.exists() and not args.get("overwrite", False):
         raise SystemExit(f"out={out} exists; pass overwrite=true to replace it")

@@ -208,11 +208,16 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
         **OmegaConf.to_container(cfg.finetune),
         **(module_kwargs or {}),
     )
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callback_cfgs = dict(cfg.get("callbacks") or {})
+    if not records["val_split"] and callback_cfgs.get("model_checkpoint"):
+        # nothing to monitor: the checkpoint callback keeps the latest epoch and writes last.ckpt itself
+        callback_cfgs.pop("last_checkpoint", None)
+    callbacks = [hydra.utils.instantiate(c) for c in callback_cfgs.values() if c]
     if not records["val_split"]:
         for c in callbacks:
             if isinstance(c, L.pytorch.callbacks.ModelCheckpoint):
                 c.monitor = None
+                c.save_last = True
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision,

@@ -54,7 +54,8 @@ def _best_of_run(last: Path) -> Path | None:
     """The best checkpoint that ``last.ckpt``'s ModelCheckpoint state names, if it is still there."""
     obj = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
     for key, state in (obj.get("callbacks") or {}).items():
-        if str(key).startswith("ModelCheckpoint") and state.get("best_model_path"):
+        # the callback that monitors a score (last.ckpt's own callback records itself as its "best")
+        if str(key).startswith("ModelCheckpoint") and state.get("monitor") and state.get("best_model_path"):
             best = Path(state["best_model_path"])
             for candidate in (best, last.parent / best.name):  # the run directory may have moved
                 if candidate.is_file():

@@ -35,8 +35,9 @@ def predict(cfg: DictConfig) -> dict:
         raise ValueError(f"mode={mode!r} is not one of {list(MODES)}")
     input_path = _path(cfg.get("input"), "input")
     out = _path(cfg.get("out"), "out")
-    model_ckpt = OmegaConf.select(cfg, "model.checkpoint", default=None, throw_on_missing=False)
-    ckpt = _path(cfg.get("ckpt") or model_ckpt, "ckpt")
+    # ckpt= first; model.checkpoint (the default sam_tiny generalist) is only resolved when ckpt= is not given
+    ckpt_value = cfg.get("ckpt") or OmegaConf.select(cfg, "model.checkpoint", default=None, throw_on_missing=False)
+    ckpt = _path(ckpt_value, "ckpt")
     zoom = zoom_config(cfg)
     if zoom is not None and mode == "auto":
         raise ValueError("zoom= applies to box and points prompts; mode=auto segments the whole image")

@@ -120,13 +120,13 @@ def prepare_data(cfg: DictConfig, *, training: bool = True) -> tuple[Path, dict[
     keys = ("train_split", "val_split", "test_split") if training else ()
     for key in keys:
         split = d[key]
-        if key == "val_split" and not (root / split).is_dir():
-            log.warning("No %s split under %s: training runs without validation.", split, root)
+        if key == "val_split" and (not split or not (root / split).is_dir()):
+            log.warning("No %s split under %s: training runs without validation.", split or "val", root)
             records[key] = []
             continue
         records[key], bad = scan_split(d, root, split)
         skipped += bad
-    scanned = {d[k]: k for k in keys if (root / d[k]).is_dir()}
+    scanned = {d[k]: k for k in keys if d[k] and (root / d[k]).is_dir()}
     if cfg.eval.split in scanned:
         records["eval"] = records[scanned[cfg.eval.split]]
     else:
@@ -209,15 +209,18 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
         **(module_kwargs or {}),
     )
     callback_cfgs = dict(cfg.get("callbacks") or {})
-    if not records["val_split"] and callback_cfgs.get("model_checkpoint"):
-        # nothing to monitor: the checkpoint callback keeps the latest epoch and writes last.ckpt itself
+    # nothing to monitor without a val split: model_checkpoint keeps the latest epoch and writes last.ckpt itself
+    merge_last = not records["val_split"] and bool(callback_cfgs.get("model_checkpoint"))
+    if merge_last:
         callback_cfgs.pop("last_checkpoint", None)
-    callbacks = [hydra.utils.instantiate(c) for c in callback_cfgs.values() if c]
+    callbacks = {k: hydra.utils.instantiate(c) for k, c in callback_cfgs.items() if c}
     if not records["val_split"]:
-        for c in callbacks:
+        for c in callbacks.values():
             if isinstance(c, L.pytorch.callbacks.ModelCheckpoint):
                 c.monitor = None
-                c.save_last = True
+    if merge_last:
+        callbacks["model_checkpoint"].save_last = True
+    callbacks = list(callbacks.values())
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision,

@@ -10,7 +10,7 @@ Arguments (key=value):
     out        destination state dict (segment_anything keys); refuses to replace a file unless overwrite=true
     model      model type (default sam_tiny); arch.<field> overrides the architecture
     seed       seed of the random initialisation and of the warm-up's prompts (default 0)
-    steps      optimiser steps (default 600), alternating box and point prompts
+    steps      optimiser steps (default 600): boxes only for the first half, then boxes and points alternate
     prompts    prompts per step (default 16)
     lr         AdamW learning rate (default 1e-3)
     overwrite  replace an existing out file (default false)
@@ -33,9 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     from samtune.cli import parse_key_values
 
     args = parse_key_values(argv, KEYS, __doc__, required=("out",))
+    from samtune.model.export import refuse_overwrite
+
     out = Path(args["out"])
-    if out.exists() and not args.get("overwrite", False):
-        raise SystemExit(f"out={out} exists; pass overwrite=true to replace it")
+    refuse_overwrite(out, bool(args.get("overwrite", False)), "out")  # before any work
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
@@ -56,4 +57,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -34,9 +34,10 @@ class WarmupStats:
     point_iou: float
 
 
-def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixel-centre coordinates (y, x) of a ``size`` x ``size`` low-resolution mask, in input pixels."""
-    return torch.meshgrid(torch.arange(size).float() + 0.5, torch.arange(size).float() + 0.5, indexing="ij")
+def _grid(mask_size: int, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell-centre coordinates (y, x) of a ``mask_size`` x ``mask_size`` low-resolution mask, in input pixels."""
+    centres = (torch.arange(mask_size).float() + 0.5) * (img_size / mask_size)
+    return torch.meshgrid(centres, centres, indexing="ij")
 
 
 def sample_box_targets(n: int, img_size: int, mask_size: int, gen: torch.Generator, min_frac: float = 1 / 16):
@@ -48,9 +49,7 @@ def sample_box_targets(n: int, img_size: int, mask_size: int, gen: torch.Generat
     side = img_size * (min_frac + torch.rand(n, 2, generator=gen) * (1 - min_frac))
     x0y0 = torch.rand(n, 2, generator=gen) * (img_size - side)
     boxes = torch.cat([x0y0, x0y0 + side], dim=1)
-    ys, xs = _grid(mask_size)
-    scale = img_size / mask_size
-    ys, xs = ys * scale, xs * scale
+    ys, xs = _grid(mask_size, img_size)
     masks = (
         (xs[None] >= boxes[:, 0, None, None]) & (xs[None] <= boxes[:, 2, None, None])
         & (ys[None] >= boxes[:, 1, None, None]) & (ys[None] <= boxes[:, 3, None, None])
@@ -62,9 +61,8 @@ def sample_point_targets(n: int, img_size: int, mask_size: int, gen: torch.Gener
     """``n`` random points (input pixels) and discs around them, radius uniform in [min_frac, 1/2] of the input."""
     points = torch.rand(n, 2, generator=gen) * img_size
     radius = img_size * (min_frac + torch.rand(n, generator=gen) * (0.5 - min_frac))
-    ys, xs = _grid(mask_size)
-    scale = img_size / mask_size
-    d2 = (xs[None] * scale - points[:, 0, None, None]) ** 2 + (ys[None] * scale - points[:, 1, None, None]) ** 2
+    ys, xs = _grid(mask_size, img_size)
+    d2 = (xs[None] - points[:, 0, None, None]) ** 2 + (ys[None] - points[:, 1, None, None]) ** 2
     return points, (d2 <= radius[:, None, None] ** 2).float()
 
 
@@ -81,8 +79,8 @@ def geometry_warmup(
     """Train ``sam``'s prompt encoder and mask decoder in place on prompt geometry (see module doc).
 
     The first half of the steps uses box prompts only (output 0 fills the box), the second half
-    alternates boxes and single points (best of outputs 1..3 against a disc around the point). Loss: BCE + dice + IoU-head MSE (``loss=bce_dice``). The image
-    encoder is neither run nor changed.
+    alternates boxes and single points (best of outputs 1..3 against a disc around the point).
+    Loss: BCE + dice + IoU-head MSE (``loss=bce_dice``). The image encoder is neither run nor changed.
 
     Args:
         sam: Model to warm up (modified in place).

@@ -236,7 +236,10 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
     score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb else None
     if cfg.eval.use_best and best and not cfg.trainer.get("fast_dev_run"):
         module.load_training_checkpoint(best)  # completes checkpoints that leave frozen weights out
-        log.info("Evaluating the best validation checkpoint %s (val/miou=%s)", best, score)
+        if score is None:  # no monitor (no val split): the callback kept the latest checkpoint
+            log.info("Evaluating the final checkpoint %s (no validation split to choose by)", best)
+        else:
+            log.info("Evaluating the best validation checkpoint %s (val/miou=%s)", best, score)
     if has_lora(model.sam):
         merge_lora(model.sam)
         log.info("Merged the LoRA adapters into the image encoder's weights")

@@ -98,3 +98,15 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
 
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 3
     assert json.loads((run_dir / "report.json").read_text())["finetuned"]["box"]["n"] > 0
+
+
+def test_training_without_a_validation_split(tmp_path):
+    """``data.val_split=null``: no validation, the checkpoint of the final epoch is last.ckpt and is evaluated."""
+    run_dir = tmp_path / "run"
+    proc = run(tiny_args(tmp_path, run_dir, "data.val_split=null", "trainer.max_epochs=2"))
+    import torch
+
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 1
+    log = proc.stdout + proc.stderr
+    assert "val/miou" not in log and "Evaluating the final checkpoint" in log and "epoch_001.ckpt" in log
+    assert json.loads((run_dir / "report.json").read_text())["finetuned"]["box"]["n"] > 0

@@ -12,12 +12,13 @@ from omegaconf import OmegaConf
 from tests.test_train_e2e import ROOT, run, tiny_args
 
 
-def test_ddp_two_cpu_processes_train_and_rank_zero_alone_writes_the_report(tmp_path, monkeypatch):
+def test_ddp_two_cpu_processes_train_rank_zero_alone_writes_the_report_and_the_run_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on a shared 2-core machine: one thread each
     run_dir = tmp_path / "run"
-    proc = run(tiny_args(tmp_path, run_dir, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-                         "data.batch_size=1", "trainer.limit_train_batches=2", "eval.modes=[box]", "eval.overlays=0",
-                         f"cache.dir={tmp_path / 'cache'}"), timeout=240)
+    args = tiny_args(tmp_path, run_dir, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                     "data.batch_size=1", "trainer.limit_train_batches=2", "eval.modes=[box]", "eval.overlays=0",
+                     f"cache.dir={tmp_path / 'cache'}")
+    proc = run(args, timeout=240)
     log = proc.stdout + proc.stderr
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in log  # a second process trained
     # rank 0 evaluated the starting and the fine-tuned model and wrote the report, once
@@ -29,6 +30,18 @@ def test_ddp_two_cpu_processes_train_and_rank_zero_alone_writes_the_report(tmp_p
     # both ranks used the embedding cache (decoder_only): each wrote its own images' embeddings
     assert log.count("Embedding cache (rank") == 2
     assert len(list((tmp_path / "cache").glob("*/*/*.emb"))) >= 4
+
+    # resume=true with one more epoch: every rank restores last.ckpt and continues (2 steps per epoch)
+    import torch
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
+    proc = run([*args, "resume=true", "trainer.max_epochs=2"], timeout=240)
+    log = proc.stdout + proc.stderr
+    assert "Resuming in" in log and "Restored all states from the checkpoint" in log
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert (state["epoch"], state["global_step"]) == (1, 4)
+    assert log.count("Report written to") == 1
 
 
 def compose_train(*overrides: str):

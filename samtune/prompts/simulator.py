@@ -132,7 +132,8 @@ class PromptPolicy:
         box_prob: chance that an instance is prompted by a (jittered) box instead of points.
         box_noise: box jitter std as a fraction of the box side (SAM 2: 0.1).
         box_max_px: largest jitter of one box coordinate in pixels (SAM 2: 20).
-        max_points: a point group uses between 1 and ``max_points`` points, drawn uniformly.
+        max_points: a point group uses between 1 and ``max_points`` points, drawn uniformly (SAM: 1, more
+            points come from correction clicks).
         neg_point_prob: chance, per instance of a multi-point group, that some of its extra
             points (between 1 and all of them) are negative.
         correction_rounds: iterative correction clicks after the first prediction (SAM: 8).
@@ -142,7 +143,7 @@ class PromptPolicy:
     box_prob: float = 0.5
     box_noise: float = 0.1
     box_max_px: float = 20.0
-    max_points: int = 3
+    max_points: int = 1
     neg_point_prob: float = 0.3
     correction_rounds: int = 2
     mask_only_rounds: int = 1

@@ -236,8 +236,8 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
     score = getattr(ckpt_cb, "best_model_score", None) if ckpt_cb else None
     if cfg.eval.use_best and best and not cfg.trainer.get("fast_dev_run"):
         module.load_training_checkpoint(best)  # completes checkpoints that leave frozen weights out
-        if score is None:  # no monitor (no val split): the callback kept the latest checkpoint
-            log.info("Evaluating the final checkpoint %s (no validation split to choose by)", best)
+        if score is None:  # nothing monitored (no val split or no validation run): the latest checkpoint
+            log.info("Evaluating the final checkpoint %s (no validation score to choose by)", best)
         else:
             log.info("Evaluating the best validation checkpoint %s (val/miou=%s)", best, score)
     if has_lora(model.sam):

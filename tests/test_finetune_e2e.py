@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from samtune.model import build_model
 from samtune.model.training_checkpoint import META_KEY
@@ -50,3 +51,17 @@ def test_full_run(tmp_path):
     assert last[META_KEY]["base_fingerprint"] == {}  # everything trains: nothing left out
     build_model("sam_tiny", checkpoint=run_dir / "checkpoints" / "finetuned_sam.pth")
     build_model("sam_tiny", checkpoint=run_dir / "checkpoints" / "last.ckpt")
+
+
+def test_iou_head_run_keeps_every_mask_and_exports(tmp_path):
+    head = "mask_decoder.iou_prediction_head"
+    run_dir = train_tiny(tmp_path, "finetune=iou_head", f"finetune.reinit=[{head}]", "optimizer.lr=1e-3")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["finetuned"]["box"]["miou"] == report["zero_shot"]["box"]["miou"]  # box: output 0, same masks
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["state_dict"] and all(k.startswith(f"model.sam.{head}.") for k in last["state_dict"])
+    start = OmegaConf.load(run_dir / "config_resolved.yaml").model.checkpoint
+    base = build_model("sam_tiny", checkpoint=start).sam.state_dict()
+    tuned = build_model("sam_tiny", checkpoint=run_dir / "checkpoints" / "finetuned_sam.pth").sam.state_dict()
+    for key, value in tuned.items():
+        assert torch.equal(value, base[key]) == (not key.startswith(head + ".")), key

@@ -151,6 +151,49 @@ def test_frozen_parameters_get_no_gradient(mode):
         assert enc and all(".lora_" in n for n in enc)
 
 
+def test_only_trains_the_iou_head_and_leaves_every_mask_as_it_was(tmp_path):
+    module = make_module("decoder_only", only=["mask_decoder.iou_prediction_head"])
+    trainable = {n for n, p in module.model.sam.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("mask_decoder.iou_prediction_head.") for n in trainable)
+    model = module.model.eval()
+    boxes = torch.tensor([[[30.0, 40.0, 100.0, 120.0]], [[140.0, 150.0, 230.0, 220.0]]])
+    with torch.no_grad():
+        emb = model.embed(images())
+        before = [model.decode(emb, boxes=b) for b in boxes]
+    optimizer = module.configure_optimizers()
+    module.train()
+    for step in range(3):
+        module.training_step(tiny_batch(), step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        after = [model.eval().decode(emb, boxes=b) for b in boxes]
+    for (logits0, iou0), (logits1, iou1) in zip(before, after):
+        assert torch.equal(logits0, logits1)
+        assert not torch.equal(iou0, iou1)
+    ckpt = save_like_lightning(module, tmp_path / "last.ckpt")
+    assert ckpt["state_dict"] and all(k.startswith("model.sam.mask_decoder.iou_prediction_head.")
+                                      for k in ckpt["state_dict"])
+    with pytest.raises(ValueError, match="finetune.only: 'mask_decoder.iou_head' matches no parameter"):
+        make_module("decoder_only", only=["mask_decoder.iou_head"])
+    with pytest.raises(ValueError, match="finetune.only: 'image_encoder' matches no parameter"):
+        make_module("decoder_only", only=["image_encoder"])
+
+
+def test_reinit_gives_fresh_seeded_weights_only_to_the_named_part():
+    head = "mask_decoder.iou_prediction_head"
+    base = make_module("decoder_only").model.sam.state_dict()
+    a = make_module("decoder_only", only=[head], reinit=[head]).model.sam.state_dict()
+    b = make_module("decoder_only", only=[head], reinit=[head]).model.sam.state_dict()
+    for key in base:
+        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(a[key], base[key]) == (not key.startswith(head + ".")), key
+    with pytest.raises(ValueError, match="finetune.reinit: 'mask_decoder.iou_head' is not a submodule"):
+        make_module("decoder_only", reinit=["mask_decoder.iou_head"])
+    with pytest.raises(ValueError, match="would be re-initialised but not trained"):
+        make_module("decoder_only", reinit=["prompt_encoder.point_embeddings"])
+
+
 def test_mode_errors():
     with pytest.raises(ValueError, match="finetune.mode='partial'"):
         make_module("partial")

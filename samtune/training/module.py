@@ -9,7 +9,7 @@ logits as mask prompt, or the logits alone), each with its own loss.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -23,7 +23,7 @@ from samtune.model.lora import LoraSettings, apply_lora
 from samtune.model.promptable_sam import PromptableSam
 from samtune.model.training_checkpoint import META_FORMAT, META_KEY, fingerprint, fingerprint_mismatches
 from samtune.prompts import PromptGroup, PromptSimulator, center_points, masks_to_boxes
-from samtune.training.param_groups import apply_lr_scales, build_param_groups
+from samtune.training.param_groups import apply_lr_scales, build_param_groups, reinitialise, restrict_trainable
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,11 @@ class SamTuneModule(L.LightningModule):
         encoder_lr_mult: Factor on the image encoder's learning rate.
         layer_decay: Layer-wise learning-rate decay over the ViT blocks (1: none).
         gradient_checkpointing: Recompute encoder block activations in backward (``lora``/``full``).
+        only: Train only the parameters, among those the mode trains, whose :class:`Sam` names start with
+            one of these prefixes (``finetune.only``, e.g. ``[mask_decoder.iou_prediction_head]`` to
+            calibrate the IoU head on a domain while every mask stays as it was); None: all of them.
+        reinit: Submodules (:class:`Sam` names, e.g. ``[mask_decoder.iou_prediction_head]``) that start
+            from fresh, seeded weights instead of the checkpoint's (``finetune.reinit``); they must train.
         checkpoint_meta: Where the starting weights come from (``model_type``, ``arch``, ``seed``,
             ``base_checkpoint``), recorded in checkpoints so that frozen weights can be found again.
         seed: Base seed of the per-step prompt generators.
@@ -89,6 +94,8 @@ class SamTuneModule(L.LightningModule):
         encoder_lr_mult: float = 1.0,
         layer_decay: float = 1.0,
         gradient_checkpointing: bool = False,
+        only: Sequence[str] | None = None,
+        reinit: Sequence[str] | None = None,
         checkpoint_meta: Mapping | None = None,
         seed: int = 0,
         embedding_cache: EmbeddingCache | None = None,
@@ -125,6 +132,16 @@ class SamTuneModule(L.LightningModule):
         self.lora = LoraSettings.from_config(lora) if mode == "lora" else None
         if self.lora is not None:
             apply_lora(sam, self.lora)
+        if only:
+            restrict_trainable(sam, only)
+        if reinit:
+            fresh = reinitialise(sam, reinit, seed=seed)
+            params = dict(sam.named_parameters())
+            frozen = [n for n in fresh if not params[n].requires_grad]
+            if frozen:
+                raise ValueError(f"finetune.reinit: {frozen[0]} would be re-initialised but not trained; "
+                                 "re-initialise only parts that train (finetune.mode, finetune.only)")
+            log.info("finetune.reinit: %d parameters of %s start from fresh weights", len(fresh), list(reinit))
         self.train_image_encoder = mode != "decoder_only"  # runs with gradients (all weights or adapters)
         model.gradient_checkpointing = bool(gradient_checkpointing) and self.train_image_encoder
         if not any(p.requires_grad for p in self.parameters()):

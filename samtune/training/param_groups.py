@@ -60,6 +60,59 @@ def _group_name(name: str, depth: int) -> str:
     return "image_encoder.embed" if layer == depth + 1 else "image_encoder.neck"
 
 
+def restrict_trainable(sam: torch.nn.Module, prefixes: Iterable[str]) -> list[str]:
+    """Freeze every trainable parameter of ``sam`` whose name starts with none of ``prefixes``
+    (``finetune.only``); return the names that still train.
+
+    Raises:
+        ValueError: A prefix names no trainable parameter (a typo, or a part the mode freezes).
+    """
+    if isinstance(prefixes, str):
+        prefixes = [prefixes]
+    prefixes = [str(p).strip().rstrip(".") for p in prefixes]
+    trainable = [n for n, p in sam.named_parameters() if p.requires_grad]
+    kept = []
+    for prefix in prefixes:
+        hits = [n for n in trainable if n == prefix or n.startswith(prefix + ".")]
+        if not hits:
+            parts = sorted({".".join(n.split(".")[:2]) for n in trainable})
+            raise ValueError(
+                f"finetune.only: {prefix!r} matches no parameter that finetune.mode trains; trainable modules "
+                f"are {parts}")
+        kept.extend(hits)
+    for name, param in sam.named_parameters():
+        if param.requires_grad and name not in kept:
+            param.requires_grad_(False)
+    return sorted(set(kept))
+
+
+def reinitialise(sam: torch.nn.Module, prefixes: Iterable[str], seed: int = 0) -> list[str]:
+    """Give the submodules of ``sam`` named by ``prefixes`` fresh weights (their own ``reset_parameters``,
+    seeded), e.g. an IoU head whose ReLU units died in pre-training (``finetune.reinit``); return the names
+    of the re-initialised parameters.
+
+    Raises:
+        ValueError: A prefix names no submodule of ``sam``, or a submodule that has nothing to reset.
+    """
+    if isinstance(prefixes, str):
+        prefixes = [prefixes]
+    modules = dict(sam.named_modules())
+    names = []
+    for prefix in (str(p).strip().rstrip(".") for p in prefixes):
+        if prefix not in modules:
+            parents = sorted({n.rsplit(".", 1)[0] for n in modules if n.count(".") == 1})
+            raise ValueError(f"finetune.reinit: {prefix!r} is not a submodule of SAM (e.g. one of {parents})")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            resettable = [m for m in modules[prefix].modules() if hasattr(m, "reset_parameters")]
+            if not resettable:
+                raise ValueError(f"finetune.reinit: {prefix!r} has no layer with parameters to re-initialise")
+            for m in resettable:
+                m.reset_parameters()
+        names += [f"{prefix}.{n}" for n, _ in modules[prefix].named_parameters()]
+    return names
+
+
 def build_param_groups(
     named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
     *,

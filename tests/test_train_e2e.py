@@ -100,6 +100,20 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     assert json.loads((run_dir / "report.json").read_text())["finetuned"]["box"]["n"] > 0
 
 
+def test_last_checkpoint_holds_the_final_step_between_save_points(tmp_path):
+    """max_steps=3 with a save every 2 steps: last.ckpt holds step 3 (not 2), and a resume continues from it."""
+    import torch
+
+    run_dir = tmp_path / "run"
+    args = tiny_args(tmp_path, run_dir, "trainer.max_epochs=-1", "trainer.limit_train_batches=2",
+                     "callbacks.model_checkpoint.every_n_train_steps=2")
+    run([*args, "trainer.max_steps=3"])
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
+    run([*args, "trainer.max_steps=4", "resume=true"])
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+
+
 def test_training_without_a_validation_split(tmp_path):
     """``data.val_split=null``: no validation, the checkpoint of the final epoch is last.ckpt and is evaluated."""
     run_dir = tmp_path / "run"

@@ -1,0 +1,23 @@
+"""Lightning callbacks."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` that also saves when training ends between its save points.
+
+    With ``every_n_train_steps=250`` and ``trainer.max_steps=3400``, Lightning's own callback last saves at step
+    3250 and the final 150 steps exist nowhere a later ``resume=true`` could continue from. This one writes the
+    final state too. It only does so without a ``monitor`` (a latest-state checkpoint such as ``last.ckpt``): a
+    monitored checkpoint keeps the best validation score, which the training end does not have.
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.monitor is None and not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from samtune.data.records import ImageRecord
 from samtune.data.sources import build_records
-from samtune.evaluation.job import MAIN, EvalJob, EvalSet, report_metrics
+from samtune.evaluation.job import MAIN, EvalJob, EvalSet, report_metrics, validation_prompts, zoom_config
 from samtune.model.checkpoint import load_sam_weights, save_sam_weights
 from samtune.model.factory import build_model
 from samtune.model.lora import has_lora, merge_lora
@@ -208,6 +208,16 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
         **OmegaConf.to_container(cfg.finetune),
         **(module_kwargs or {}),
     )
+    zoom = zoom_config(cfg.eval)
+    if zoom is not None and records["val_split"]:
+        # choose the best checkpoint on the views the report evaluates, not on whole images
+        binary = bool(cfg.data.binary_as_one_object)
+        per_image = int(cfg.data.max_instances)
+        val_prompts = validation_prompts(records["val_split"], seed=int(cfg.eval.prompt_seed),
+                                         binary_as_one_object=binary, max_per_image=per_image)
+        module.use_zoomed_validation(records["val_split"], val_prompts, zoom, binary_as_one_object=binary)
+        log.info("Validation evaluates box and one-point prompts with %s (up to %d instances per val image)",
+                 zoom.describe(), per_image)
     callback_cfgs = dict(cfg.get("callbacks") or {})
     # nothing to monitor without a val split: model_checkpoint keeps the latest epoch and writes last.ckpt itself
     merge_last = not records["val_split"] and bool(callback_cfgs.get("model_checkpoint"))

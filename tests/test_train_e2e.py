@@ -114,6 +114,17 @@ def test_last_checkpoint_holds_the_final_step_between_save_points(tmp_path):
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
 
 
+def test_zoomed_run_validates_on_zoomed_views(tmp_path):
+    """eval.zoom: validation (the best-checkpoint choice) runs the zoomed evaluation the report uses."""
+    run_dir = tmp_path / "run"
+    proc = run(tiny_args(tmp_path, run_dir, "eval.zoom=2", "eval.modes=[box]"))
+    log = proc.stdout + proc.stderr
+    assert "Validation evaluates box and one-point prompts with prompt-focused zoom: crop of 2x" in log
+    metrics = (run_dir / "csv").rglob("metrics.csv")
+    assert any("val/miou_box" in f.read_text().splitlines()[0] for f in metrics)
+    assert "prompt-focused zoom" in (run_dir / "report.md").read_text()
+
+
 def test_training_without_a_validation_split(tmp_path):
     """``data.val_split=null``: no validation, the checkpoint of the final epoch is last.ckpt and is evaluated."""
     run_dir = tmp_path / "run"

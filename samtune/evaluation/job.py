@@ -92,6 +92,16 @@ def fixed_prompts(eval_set: EvalSet, default_path: Path, seed: int) -> tuple[dic
     return prompts, default_path
 
 
+def validation_prompts(records: list[ImageRecord], *, seed: int, binary_as_one_object: bool,
+                       max_per_image: int) -> dict[str, list[dict]]:
+    """Fixed evaluation prompts for the val split (zoomed validation): the first ``max_per_image`` instances."""
+    prompts = {}
+    for r in records:
+        _, instances = load_record(r, binary_as_one_object=binary_as_one_object)
+        prompts[r.rel_path] = make_instance_prompts(instances, seed=seed, key=r.rel_path)[:max_per_image]
+    return prompts
+
+
 class EvalJob:
     """Evaluate models on the main split and the extra sets with fixed prompts, then write the report.
 

@@ -160,6 +160,7 @@ class SamTuneModule(L.LightningModule):
             self.teacher = [copy.deepcopy(torch.nn.ModuleDict({"prompt_encoder": sam.prompt_encoder,
                                                                "mask_decoder": sam.mask_decoder})).requires_grad_(False)]
         self.val_metrics = torch.nn.ModuleDict({"box": InstanceMaskMetrics(), "point1": InstanceMaskMetrics()})
+        self.zoomed_val: tuple | None = None  # see use_zoomed_validation
         # Fingerprint of the weights left out of checkpoints, to recognise their base later.
         own = self.state_dict()
         sam_state = {k[len(SAM_PREFIX):]: v for k, v in own.items() if k.startswith(SAM_PREFIX)}
@@ -321,7 +322,22 @@ class SamTuneModule(L.LightningModule):
                      self.global_rank, stats["hits"], stats["computed"], stats["corrupt"])
 
     # ------------------------------------------------------------------ validation
+    def use_zoomed_validation(self, records: Sequence, prompts: Mapping[str, list[dict]], zoom,
+                              *, binary_as_one_object: bool = False) -> None:
+        """Validate the way the final evaluation runs with ``eval.zoom``.
+
+        Plain validation segments whole images with tight boxes and centre points; a model evaluated with
+        prompt-focused zoom would then be chosen (best checkpoint) on views it is not reported on. Here each
+        validation instead runs the evaluation itself (:func:`samtune.evaluation.evaluator.evaluate_model`) on
+        ``records`` with the fixed ``prompts`` (box and one point) and ``zoom`` (a ``ZoomConfig``), and logs its
+        mIoU as ``val/miou_box``, ``val/miou_point1`` and their mean ``val/miou``. The sanity check before
+        training is skipped.
+        """
+        self.zoomed_val = (list(records), dict(prompts), zoom, bool(binary_as_one_object))
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.zoomed_val is not None:
+            return  # on_validation_epoch_end evaluates the zoomed views
         embeddings = self.image_embeddings(batch)
         for b in range(len(embeddings)):
             gt = batch["masks"][b][batch["valid"][b]]
@@ -345,6 +361,19 @@ class SamTuneModule(L.LightningModule):
                 self.val_metrics[mode].update(pred, gt)
 
     def on_validation_epoch_end(self) -> None:
+        if self.zoomed_val is not None:
+            if self.trainer.sanity_checking:
+                return
+            from samtune.evaluation.evaluator import evaluate_model
+
+            records, prompts, zoom, binary = self.zoomed_val
+            result = evaluate_model(self.model, records, prompts, name="val", modes=list(self.val_metrics),
+                                    zoom=zoom, binary_as_one_object=binary)
+            values = {mode: torch.tensor(float(result.summary[mode]["miou"])) for mode in self.val_metrics}
+            for mode, value in values.items():
+                self.log(f"val/miou_{mode}", value, sync_dist=False)
+            self.log("val/miou", (values["box"] + values["point1"]) / 2, prog_bar=True)
+            return
         values = {}
         for mode, metric in self.val_metrics.items():
             res = metric.compute()

@@ -15,6 +15,12 @@ class LatestCheckpoint(ModelCheckpoint):
     monitored checkpoint keeps the best validation score, which the training end does not have.
     """
 
+    @property
+    def state_key(self) -> str:
+        # Lightning keys a callback's state in the checkpoint by class name. Keep ModelCheckpoint's key, so
+        # checkpoints written by either class restore each other's best score and paths on resume.
+        return ModelCheckpoint.state_key.fget(self).replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.monitor is None and not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)

@@ -199,3 +199,23 @@ def test_evaluate_script_end_to_end(blobs, tmp_path):
     assert (out / "clicks.png").is_file() and (out / "metrics.json").is_file()
     assert json.loads((out / "metrics.json").read_text())["test/finetuned/clicks_noc90"] >= 1
     assert "checkpoints" not in {p.name for p in out.iterdir()}  # evaluation trains nothing
+
+
+def test_stored_evaluation_is_reused_only_for_the_same_weights(blobs, tmp_path):
+    """A run directory evaluated again (a resume that trained further, another checkpoint) evaluates new weights
+    again instead of reporting the stored figures of the old ones."""
+    start = save_sam_weights(build_model("sam_tiny", seed=3).sam, tmp_path / "start.pth")
+    out = tmp_path / "eval_run"
+    reports = []
+    for seed in (7, 8, 8):
+        ckpt = tmp_path / f"ft{seed}.pth"
+        save_sam_weights(build_model("sam_tiny", seed=seed).sam, ckpt)
+        args = tiny_args(tmp_path, out, *blob_args(blobs), f"model.checkpoint={start}", f"finetuned={ckpt}",
+                         "eval.modes=[box]", "eval.split=train")
+        args[1] = str(ROOT / "scripts" / "evaluate.py")
+        proc = run(args)
+        reports.append((json.loads((out / "report.json").read_text()), proc.stdout + proc.stderr))
+    (first, log1), (second, log2), (third, log3) = reports
+    assert "Reusing the zero_shot evaluation" in log2 and "Reusing the finetuned evaluation" not in log2
+    assert first["zero_shot"] == second["zero_shot"] and first["finetuned"] != second["finetuned"]
+    assert "Reusing the finetuned evaluation" in log3 and third["finetuned"] == second["finetuned"]

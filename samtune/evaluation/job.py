@@ -20,6 +20,7 @@ from samtune.evaluation.evaluator import PROMPT_MODES, EvalResult, evaluate_mode
 from samtune.evaluation.overlays import overlay_name, plot_clicks, save_overlays
 from samtune.evaluation.report import ExtraSetResult, worst_images, write_report
 from samtune.evaluation.zoom import ZoomConfig
+from samtune.model.embedding_cache import weights_fingerprint
 from samtune.model.promptable_sam import PromptableSam
 from samtune.prompts import load_prompts, make_instance_prompts, save_prompts
 from samtune.utils.io import atomic_write_json, read_json
@@ -144,9 +145,12 @@ class EvalJob:
     def evaluate(self, model: PromptableSam, name: str) -> dict[str, EvalResult]:
         """Evaluate ``model`` as ``name`` (``zero_shot`` / ``finetuned``) on every set; return set -> result."""
         model.to(self.device)
+        # a stored evaluation is reused only for the same weights: a resumed run that trains further (a larger
+        # trainer.max_steps) or another checkpoint under the same name is evaluated again
+        weights = weights_fingerprint(model)
         for s in self.sets:
             cache = self.run_dir / "eval" / (f"{name}.json" if s.name == MAIN else f"extra/{s.name}/{name}.json")
-            settings = self._settings(s)
+            settings = {**self._settings(s), "weights": weights}
             if cache.exists() and read_json(cache).get("settings") == settings:
                 data = read_json(cache)
                 log.info("Reusing the %s evaluation on %s from %s", name, s.name, cache)

@@ -53,10 +53,10 @@ class CorruptEntryError(ValueError):
     """An entry that cannot be trusted (truncated, wrong key/shape/dtype, digest mismatch)."""
 
 
-def encoder_fingerprint(encoder: nn.Module) -> str:
-    """blake2b-128 over every tensor of ``encoder.state_dict()`` (name, dtype, shape, bytes)."""
+def weights_fingerprint(module: nn.Module) -> str:
+    """blake2b-128 over every tensor of ``module.state_dict()`` (name, dtype, shape, bytes)."""
     digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(encoder.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
@@ -141,7 +141,7 @@ class EmbeddingCache:
             "format": FORMAT,
             "model_type": str(model_type),
             "arch": fields,
-            "encoder_weights": encoder_fingerprint(encoder),
+            "encoder_weights": weights_fingerprint(encoder),
             "preprocess": {"img_size": spec.img_size, "pixel_mean": list(PIXEL_MEAN), "pixel_std": list(PIXEL_STD),
                            "version": PREPROCESS_VERSION},
             "precision": str(precision),

@@ -20,7 +20,7 @@ from samtune.evaluation.evaluator import PROMPT_MODES, EvalResult, evaluate_mode
 from samtune.evaluation.overlays import overlay_name, plot_clicks, save_overlays
 from samtune.evaluation.report import ExtraSetResult, worst_images, write_report
 from samtune.evaluation.zoom import ZoomConfig
-from samtune.model.embedding_cache import weights_fingerprint
+from samtune.model.checkpoint import weights_fingerprint
 from samtune.model.promptable_sam import PromptableSam
 from samtune.prompts import load_prompts, make_instance_prompts, save_prompts
 from samtune.utils.io import atomic_write_json, read_json

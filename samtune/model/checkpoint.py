@@ -13,6 +13,7 @@ Accepted files:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 from segment_anything.modeling import Sam
+from torch import nn
 
 from samtune.model.build import CHECKPOINT_HELP, OFFICIAL_CHECKPOINTS, SamArch, infer_arch, name_arch
 from samtune.model.lora import plain_state_dict
@@ -185,6 +187,16 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike, 
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """blake2b-128 over every tensor of ``module.state_dict()`` (name, dtype, shape, bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def arch_of_checkpoint(path: str | os.PathLike) -> SamArch | None:

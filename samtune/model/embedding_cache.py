@@ -41,6 +41,7 @@ from torch import nn
 
 from samtune.data.transforms import PIXEL_MEAN, PIXEL_STD, PREPROCESS_VERSION
 from samtune.model.build import resolve_arch
+from samtune.model.checkpoint import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,6 @@ _HEADER_LEN = struct.Struct("<I")
 
 class CorruptEntryError(ValueError):
     """An entry that cannot be trusted (truncated, wrong key/shape/dtype, digest mismatch)."""
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """blake2b-128 over every tensor of ``module.state_dict()`` (name, dtype, shape, bytes)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
 
 
 def _encode_entry(key: str, embedding: torch.Tensor) -> bytes:

@@ -23,7 +23,12 @@ from samtune.model.lora import LoraSettings, apply_lora
 from samtune.model.promptable_sam import PromptableSam
 from samtune.model.training_checkpoint import META_FORMAT, META_KEY, fingerprint, fingerprint_mismatches
 from samtune.prompts import PromptGroup, PromptSimulator, center_points, masks_to_boxes
-from samtune.training.param_groups import apply_lr_scales, build_param_groups, reinitialise, restrict_trainable
+from samtune.training.param_groups import (
+    apply_lr_scales,
+    build_param_groups,
+    reinitialise,
+    restrict_trainable,
+)
 
 log = logging.getLogger(__name__)
 

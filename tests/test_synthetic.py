@@ -91,3 +91,40 @@ def test_never_overwrites_foreign_folder(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (generate_medical_dataset(empty, **SMALL) / "DONE.json").is_file()
+
+
+def test_scene_soft_edges_option_is_recorded_and_zero_keeps_the_old_scenes(tmp_path):
+    from samtune.data.synthetic_scenes import ensure_scenes_dataset, render_scene
+
+    rng = lambda: np.random.default_rng([0, 0, 7])  # noqa: E731
+    plain, plain_inst = render_scene(rng())
+    off, off_inst = render_scene(rng(), soft_edges=0.0)
+    assert np.array_equal(plain, off) and np.array_equal(plain_inst, off_inst)  # 0 draws no random numbers
+    soft, soft_inst = render_scene(rng(), soft_edges=1.0)
+    assert not np.array_equal(plain, soft)
+    with pytest.raises(ValueError, match="soft_edges"):
+        render_scene(rng(), soft_edges=1.5)
+
+    out = tmp_path / "scenes"
+    ensure_scenes_dataset(out, n_train=1, n_val=0, n_test=0, soft_edges=0.5)
+    manifest = json.loads((out / "DONE.json").read_text())
+    assert manifest["params"] == {"n_train": 1, "n_val": 0, "n_test": 0, "seed": 0, "soft_edges": 0.5}
+    stamp = (out / "train" / "images" / "train_0000.png").read_bytes()
+    ensure_scenes_dataset(out, n_train=1, n_val=0, n_test=0, soft_edges=0.0)  # another option: regenerated
+    assert json.loads((out / "DONE.json").read_text())["params"]["soft_edges"] == 0.0
+    assert (out / "train" / "images" / "train_0000.png").read_bytes() != stamp
+    with pytest.raises(ValueError, match="unknown key.*soft_edge"):
+        ensure_scenes_dataset(out, n_train=1, soft_edge=0.5)
+
+
+def test_soft_edged_objects_fade_towards_their_boundary():
+    from samtune.data.synthetic_common import Canvas
+    from samtune.data.synthetic_scenes import _soften
+
+    canvas = Canvas(np.zeros((40, 40, 3), np.float32))
+    sub = np.zeros((21, 21), np.uint8)
+    sub[1:20, 1:20] = 1
+    faded = _soften(canvas, np.random.default_rng(0), sub, (10, 10, 21, 21), np.full((21, 21, 3), 200.0))
+    assert faded[10, 10, 0] > 150  # the centre keeps most of the object's colour
+    assert 15 < faded[1, 10, 0] < 110  # the edge pixel is mostly background (opacity 0.1-0.5)
+    assert faded[1, 10, 0] < faded[5, 10, 0] < faded[10, 10, 0]

@@ -178,17 +178,23 @@ def _install(tmp: Path, out_dir: Path, generator: str, version: int, params: dic
     raise DataError.at(out_dir, "could not move the generated dataset into place")
 
 
+def _params(counts: dict[str, int], seed: int, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The parameters a manifest records: images per split, seed and the generator's own options."""
+    return {**{f"n_{split}": int(n) for split, n in counts.items()}, "seed": int(seed), **(options or {})}
+
+
 def write_generated(out_dir: str | Path, write: Callable[[Path], dict], *, generator: str, version: int,
-                    counts: dict[str, int], seed: int) -> Path:
+                    counts: dict[str, int], seed: int, options: dict[str, Any] | None = None) -> Path:
     """Write a generated dataset atomically: ``write(tmp)`` fills a temporary sibling of ``out_dir`` and returns
-    its stats, ``DONE.json`` records generator, version, parameters and stats, then the folder is renamed to
-    ``out_dir``. An existing ``out_dir`` is replaced only if a samtune generator wrote it.
+    its stats, ``DONE.json`` records generator, version, parameters (with the generator's ``options``) and stats,
+    then the folder is renamed to ``out_dir``. An existing ``out_dir`` is replaced only if a samtune generator
+    wrote it.
     """
     out_dir = Path(out_dir).absolute()
     if not _replaceable(out_dir):
         raise DataError.at(out_dir, "exists and was not written by a samtune generator; refusing to overwrite it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    params = {**{f"n_{split}": int(n) for split, n in counts.items()}, "seed": int(seed)}
+    params = _params(counts, seed, options)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is ordinary shared data
     try:
@@ -203,7 +209,7 @@ def write_generated(out_dir: str | Path, write: Callable[[Path], dict], *, gener
 
 
 def write_dataset(out_dir: str | Path, render: Renderer, *, generator: str, version: int,
-                  counts: dict[str, int], seed: int) -> Path:
+                  counts: dict[str, int], seed: int, options: dict[str, Any] | None = None) -> Path:
     """Generate a dataset in the ``folder`` layout, atomically (see :func:`write_generated`).
 
     Writes ``{split}/images/<split>_<i>.png`` (RGB) and ``{split}/masks/<split>_<i>.png``
@@ -216,6 +222,7 @@ def write_dataset(out_dir: str | Path, render: Renderer, *, generator: str, vers
         version: Generator version (bump when the output changes).
         counts: Images per split.
         seed: Base seed; image ``i`` of split ``s`` uses ``default_rng([seed, s, i])``.
+        options: Keyword arguments of ``render`` beyond the RNG (recorded in the manifest).
 
     Returns:
         ``out_dir``.
@@ -227,7 +234,7 @@ def write_dataset(out_dir: str | Path, render: Renderer, *, generator: str, vers
             (tmp / split / "masks").mkdir(parents=True)
             total = 0
             for i in range(count):
-                image, instances = render(np.random.default_rng([seed, split_index, i]))
+                image, instances = render(np.random.default_rng([seed, split_index, i]), **(options or {}))
                 name = f"{split}_{i:04d}.png"
                 Image.fromarray(image).save(tmp / split / "images" / name, format="PNG")
                 Image.fromarray(instances.astype(np.uint16)).save(tmp / split / "masks" / name, format="PNG")
@@ -235,13 +242,14 @@ def write_dataset(out_dir: str | Path, render: Renderer, *, generator: str, vers
             stats[split] = {"images": count, "instances": total}
         return stats
 
-    return write_generated(out_dir, write, generator=generator, version=version, counts=counts, seed=seed)
+    return write_generated(out_dir, write, generator=generator, version=version, counts=counts, seed=seed,
+                           options=options)
 
 
-def needs_generation(out_dir: str | Path, *, generator: str, version: int, counts: dict[str, int], seed: int) -> bool:
+def needs_generation(out_dir: str | Path, *, generator: str, version: int, counts: dict[str, int], seed: int,
+                     options: dict[str, Any] | None = None) -> bool:
     """Whether ``out_dir`` lacks a ``DONE.json`` matching these parameters."""
-    params = {**{f"n_{split}": int(n) for split, n in counts.items()}, "seed": int(seed)}
-    return not _same_dataset(_read_manifest(Path(out_dir)), generator, version, params)
+    return not _same_dataset(_read_manifest(Path(out_dir)), generator, version, _params(counts, seed, options))
 
 
 def split_counts(n_train: int, n_val: int, n_test: int) -> dict[str, int]:
@@ -250,7 +258,7 @@ def split_counts(n_train: int, n_val: int, n_test: int) -> dict[str, int]:
 
 
 def ensure_generated(out_dir: str | Path, render: Renderer, *, generator: str, version: int,
-                     defaults: dict[str, int], params: dict[str, int]) -> Path:
+                     defaults: dict[str, Any], params: dict[str, Any]) -> Path:
     """Generate a dataset unless ``out_dir/DONE.json`` records the same generator, version and parameters.
 
     Args:
@@ -258,14 +266,22 @@ def ensure_generated(out_dir: str | Path, render: Renderer, *, generator: str, v
         render: ``rng -> (image, instances)`` of the generator.
         generator: Generator name recorded in the manifest.
         version: Generator version.
-        defaults: Default ``n_train``, ``n_val``, ``n_test``, ``seed``.
-        params: Overrides of ``defaults``.
+        defaults: Default ``n_train``, ``n_val``, ``n_test``, ``seed`` and the generator's own options
+            (keyword arguments of ``render``).
+        params: Overrides of ``defaults`` (``data.generator_params``); an unknown key is an error.
 
     Returns:
         ``out_dir`` (absolute).
     """
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"data.generator_params: unknown key(s) {unknown} for {generator}; "
+                         f"known: {sorted(defaults)}")
     full = {**defaults, **params}
     counts = split_counts(full["n_train"], full["n_val"], full["n_test"])
-    if needs_generation(out_dir, generator=generator, version=version, counts=counts, seed=full["seed"]):
-        return write_dataset(out_dir, render, generator=generator, version=version, counts=counts, seed=full["seed"])
+    options = {k: v for k, v in full.items() if k not in ("n_train", "n_val", "n_test", "seed")}
+    if needs_generation(out_dir, generator=generator, version=version, counts=counts, seed=full["seed"],
+                        options=options):
+        return write_dataset(out_dir, render, generator=generator, version=version, counts=counts,
+                             seed=full["seed"], options=options)
     return Path(out_dir).absolute()

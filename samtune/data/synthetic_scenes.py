@@ -5,7 +5,9 @@ the small CPU model the same kind of start without any domain imagery (no boards
 a benchmark): many objects per image, from tiny to large — blobs, polygons, rotated rectangles, rings
 with holes, crescents, thin and elongated curves, touching clusters and overlapping objects — filled
 with flat colours, gradients, stripes or noise textures, on flat, gradient, textured or cluttered
-backgrounds, under blur, noise, low contrast, inverted polarity and colour casts.
+backgrounds, under blur, noise, low contrast, inverted polarity and colour casts. A share of the objects
+(``soft_edges``) fades into the background towards its boundary (glowing, translucent or out-of-focus
+objects), and its mask still covers it up to that faint edge.
 
 Every object painted as an instance is a mask to segment; background clutter is not.
 """
@@ -140,7 +142,19 @@ def _shape_mask(rng: np.random.Generator, shape: tuple[int, int], center: np.nda
     return m
 
 
-def _paint_object(canvas: Canvas, rng: np.random.Generator, mask: np.ndarray, bg_color: np.ndarray) -> None:
+def _soften(canvas: Canvas, rng: np.random.Generator, sub: np.ndarray, box: tuple[int, int, int, int],
+            fill: np.ndarray) -> np.ndarray:
+    """Blend ``fill`` into what lies beneath it towards the object's boundary (opacity 0.1-0.5 at the edge)."""
+    x, y, w, h = box
+    dist = cv2.distanceTransform(np.pad(sub, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    width = max(1.5, rng.uniform(0.2, 0.6) * float(dist.max()))
+    edge_alpha = rng.uniform(0.1, 0.5)
+    alpha = (edge_alpha + (1 - edge_alpha) * (1 - np.exp(-(dist - 1).clip(0) / width)))[..., None]
+    return canvas.image[y : y + h, x : x + w] * (1 - alpha) + fill * alpha
+
+
+def _paint_object(canvas: Canvas, rng: np.random.Generator, mask: np.ndarray, bg_color: np.ndarray,
+                  soft_edges: float = 0.0) -> None:
     x, y, w, h = cv2.boundingRect(mask)
     if w == 0 or h == 0:
         return
@@ -152,6 +166,8 @@ def _paint_object(canvas: Canvas, rng: np.random.Generator, mask: np.ndarray, bg
         dist = cv2.distanceTransform(np.pad(sub, 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
         shade = 1 - 0.35 * np.exp(-dist / max(2.0, 0.15 * max(w, h)))
         fill = fill * shade[..., None]
+    if soft_edges > 0 and rng.random() < soft_edges:
+        fill = _soften(canvas, rng, sub, (x, y, w, h), fill)
     canvas.paint(sub.astype(bool), fill, instance=True, box=(x, y, w, h))
     if rng.random() < 0.2:  # a dark or light outline, part of the object
         edge = cv2.morphologyEx(sub, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) & sub
@@ -168,16 +184,21 @@ def _clutter(canvas: Canvas, rng: np.random.Generator) -> None:
         canvas.paint(m.astype(bool), _color(rng), instance=False, alpha=float(rng.uniform(0.1, 0.4)))
 
 
-def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = (256, 448)) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = (256, 448),
+                 soft_edges: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Render one generic scene.
 
     Args:
-        rng: Random generator (the scene depends on it alone).
+        rng: Random generator (the scene depends on it and the options alone).
         size_range: Range of the image height and width.
+        soft_edges: Share of objects that fade into the background towards their boundary (0 draws no extra
+            random numbers, so scenes are those of generator version 1).
 
     Returns:
         (image H x W x 3 uint8, instances H x W int32).
     """
+    if not 0.0 <= soft_edges <= 1.0:
+        raise ValueError(f"data.generator_params.soft_edges must be in [0, 1], got {soft_edges}")
     h, w = (int(rng.integers(size_range[0], size_range[1] + 1)) for _ in range(2))
     shape = (h, w)
     bg = _background(rng, shape)
@@ -196,7 +217,7 @@ def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = (256, 4
         else:
             center = rng.uniform([0, 0], [w, h])
         mask = _shape_mask(rng, shape, center, float(radius))
-        _paint_object(canvas, rng, mask, bg_mean)
+        _paint_object(canvas, rng, mask, bg_mean, soft_edges)
         cluster = center if rng.random() < 0.4 else None
     canvas.image *= linear_gradient(rng, shape, float(rng.uniform(0.0, 0.4)))[..., None]
     if rng.random() < 0.15:  # inverted polarity
@@ -208,15 +229,16 @@ def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = (256, 4
     return canvas.finish(rng, noise=float(rng.uniform(0, 10)), blur=float(rng.choice([0, 0.5, 1.0, 1.8])), min_area=6)
 
 
-
 def generate_scenes_dataset(out_dir: str | Path, *, n_train: int = 2000, n_val: int = 32, n_test: int = 64,
-                            seed: int = 0) -> Path:
-    """Write generic scenes in the ``folder`` layout (byte-identical for one seed)."""
+                            seed: int = 0, soft_edges: float = 0.0) -> Path:
+    """Write generic scenes in the ``folder`` layout (byte-identical for one seed and options)."""
     return write_dataset(out_dir, render_scene, generator=GENERATOR, version=VERSION,
-                         counts=split_counts(n_train, n_val, n_test), seed=seed)
+                         counts=split_counts(n_train, n_val, n_test), seed=seed,
+                         options={"soft_edges": float(soft_edges)})
 
 
-def ensure_scenes_dataset(out_dir: str | Path, **params: int) -> Path:
+def ensure_scenes_dataset(out_dir: str | Path, **params: float) -> Path:
     """Generate the scenes unless ``out_dir/DONE.json`` records the same parameters."""
     return ensure_generated(out_dir, render_scene, generator=GENERATOR, version=VERSION,
-                            defaults={"n_train": 2000, "n_val": 32, "n_test": 64, "seed": 0}, params=params)
+                            defaults={"n_train": 2000, "n_val": 32, "n_test": 64, "seed": 0, "soft_edges": 0.0},
+                            params=params)

@@ -179,3 +179,20 @@ def test_partial_checkpoint_needs_its_base(tmp_path):
     export_script.main([f"ckpt={ckpt}", f"out={tmp_path / 'x.pth'}", f"base={moved}"])
     state = torch.load(tmp_path / "x.pth", weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in module.model.sam.state_dict().items())
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    """Atomic writes go through a temporary file; the result has the permissions open() would give, not 0600."""
+    import os
+    import stat
+
+    from samtune.model.checkpoint import save_state_dict
+    from samtune.utils.io import atomic_write_text
+
+    mask = os.umask(0)
+    os.umask(mask)
+    expected = 0o666 & ~mask
+    weights = save_state_dict({"w": torch.zeros(2)}, tmp_path / "model.pth")
+    text = atomic_write_text(tmp_path / "report.json", "{}")
+    assert stat.S_IMODE(weights.stat().st_mode) == expected
+    assert stat.S_IMODE(text.stat().st_mode) == expected

@@ -274,6 +274,7 @@ def ensure_volume_slices(root: str | Path, splits: list[str], settings: SliceSet
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the slices are ordinary shared data
     try:
         writer = _Writer(tmp, settings)
         for split, split_cases in cases.items():

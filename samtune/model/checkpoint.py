@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from torch import nn
 from samtune.model.build import CHECKPOINT_HELP, OFFICIAL_CHECKPOINTS, SamArch, infer_arch, name_arch
 from samtune.model.lora import plain_state_dict
 from samtune.model.training_checkpoint import META_KEY, resolve_training_state
+from samtune.utils.io import temp_file_beside
 
 LIGHTNING_PREFIX = "model.sam."
 
@@ -178,7 +178,7 @@ def save_state_dict(state: Mapping[str, torch.Tensor], path: str | os.PathLike, 
     state = {
         k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     os.close(fd)
     try:
         torch.save(state, tmp)

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from torch import nn
 from samtune.data.transforms import PIXEL_MEAN, PIXEL_STD, PREPROCESS_VERSION
 from samtune.model.build import resolve_arch
 from samtune.model.checkpoint import weights_fingerprint
+from samtune.utils.io import temp_file_beside
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class EmbeddingCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._write_meta()
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}.", suffix=".tmp")
+            fd, tmp = temp_file_beside(path)
             with os.fdopen(fd, "wb") as f:
                 f.write(_encode_entry(key, embedding))
             os.replace(tmp, path)
@@ -197,7 +197,7 @@ class EmbeddingCache:
             return
         meta = self.dir / "meta.json"
         if not meta.exists():
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".meta.", suffix=".tmp")
+            fd, tmp = temp_file_beside(meta)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(self.namespace, f, indent=2, sort_keys=True)
             os.replace(tmp, meta)

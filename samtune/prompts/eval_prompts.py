@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Mapping
 from numbers import Real
@@ -31,6 +30,7 @@ from samtune.prompts.sampling import (
     sample_negative_points,
     sample_points_in_masks,
 )
+from samtune.utils.io import temp_file_beside
 
 FORMAT_VERSION = 1
 _CHUNK = 64  # instances rasterised at once, bounds memory on images with many instances
@@ -165,7 +165,7 @@ def save_prompts(path: str | os.PathLike, prompts: dict[str, list[dict]], *, see
     path = Path(path)
     images = _validate_images(prompts, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump({"version": FORMAT_VERSION, "seed": seed, "images": images}, f)

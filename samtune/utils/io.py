@@ -9,11 +9,29 @@ from pathlib import Path
 from typing import Any
 
 
+def _default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+# what open() would give a new file; tempfile.mkstemp makes it private (0600) instead
+_FILE_MODE = _default_file_mode()
+
+
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """``(fd, name)`` of a new temporary file in ``path``'s folder, with the permissions ``open()`` would give
+    ``path`` (``mkstemp``'s own are private to the owner), to be renamed onto ``path`` once written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, _FILE_MODE)
+    return fd, tmp
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

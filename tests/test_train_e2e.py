@@ -15,6 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# the cached, whole-image recipe: for tests of the run machinery that do not need experiment=pcb's zoomed,
+# whole-model fine-tune (test_train_writes_the_report runs that one)
+CACHED = ("finetune=decoder_only", "eval.zoom=null", "data.zoom_crop=null")
+
+
 def tiny_args(tmp_path: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         sys.executable, str(ROOT / "train.py"), "experiment=pcb", "debug=tiny",
@@ -60,6 +65,10 @@ def test_train_writes_the_report(trained_run):
     assert (run_dir / "prompts.json").is_file() and (run_dir / "config_resolved.yaml").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "checkpoints" / "finetuned_sam.pth").is_file()
+    # experiment=pcb's recipe: zoomed evaluation, zoom-crop training, the whole model adapted
+    assert "prompt-focused zoom" in md
+    resolved = (run_dir / "config_resolved.yaml").read_text()
+    assert "mode: full" in resolved and "zoom_crop:\n    prob: 0.7" in resolved
 
 
 def test_same_prompts_reused_and_train_false_evaluates_only(trained_run, tmp_path):
@@ -106,7 +115,7 @@ def test_last_checkpoint_holds_the_final_step_between_save_points(tmp_path):
 
     run_dir = tmp_path / "run"
     args = tiny_args(tmp_path, run_dir, "trainer.max_epochs=-1", "trainer.limit_train_batches=2",
-                     "callbacks.model_checkpoint.every_n_train_steps=2")
+                     "callbacks.model_checkpoint.every_n_train_steps=2", *CACHED)
     run([*args, "trainer.max_steps=3"])
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
@@ -117,7 +126,7 @@ def test_last_checkpoint_holds_the_final_step_between_save_points(tmp_path):
 def test_zoomed_run_validates_on_zoomed_views(tmp_path):
     """eval.zoom: validation (the best-checkpoint choice) runs the zoomed evaluation the report uses."""
     run_dir = tmp_path / "run"
-    proc = run(tiny_args(tmp_path, run_dir, "eval.zoom=2", "eval.modes=[box]"))
+    proc = run(tiny_args(tmp_path, run_dir, "eval.modes=[box]"))  # experiment=pcb's eval.zoom=2
     log = proc.stdout + proc.stderr
     assert "Validation evaluates box and one-point prompts with prompt-focused zoom: crop of 2x" in log
     metrics = (run_dir / "csv").rglob("metrics.csv")
@@ -128,7 +137,7 @@ def test_zoomed_run_validates_on_zoomed_views(tmp_path):
 def test_training_without_a_validation_split(tmp_path):
     """``data.val_split=null``: no validation, the checkpoint of the final epoch is last.ckpt and is evaluated."""
     run_dir = tmp_path / "run"
-    proc = run(tiny_args(tmp_path, run_dir, "data.val_split=null", "trainer.max_epochs=2"))
+    proc = run(tiny_args(tmp_path, run_dir, "data.val_split=null", "trainer.max_epochs=2", *CACHED))
     import torch
 
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 1

@@ -15,18 +15,25 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# the cached, whole-image recipe: for tests of the run machinery that do not need experiment=pcb's zoomed,
-# whole-model fine-tune (test_train_writes_the_report runs that one)
+# the cached, whole-image recipe, for tests of the run machinery (resume, DDP, evaluation modes) that do not need
+# experiment=pcb's own zoomed, whole-model fine-tune; recipe=True runs that one (test_train_writes_the_report)
 CACHED = ("finetune=decoder_only", "eval.zoom=null", "data.zoom_crop=null")
 
 
-def tiny_args(tmp_path: Path, run_dir: Path, *extra: str) -> list[str]:
+def tiny_args(tmp_path: Path, run_dir: Path, *extra: str, recipe: bool = False) -> list[str]:
     return [
         sys.executable, str(ROOT / "train.py"), "experiment=pcb", "debug=tiny",
         f"data.root={tmp_path / 'pcb'}", "data.generator_params.n_train=4", "data.generator_params.n_val=2",
         "data.generator_params.n_test=2", "data.batch_size=2", "data.max_instances=4",
-        "prompts.correction_rounds=1", f"hydra.run.dir={run_dir}", *extra,
+        "prompts.correction_rounds=1", f"hydra.run.dir={run_dir}", *(() if recipe else _unless_given(CACHED, extra)),
+        *extra,
     ]
+
+
+def _unless_given(defaults: tuple[str, ...], extra: tuple[str, ...]) -> list[str]:
+    """``defaults`` whose keys ``extra`` does not set (Hydra refuses two values for one config group)."""
+    given = {e.split("=", 1)[0].lstrip("+~") for e in extra}
+    return [d for d in defaults if d.split("=", 1)[0] not in given]
 
 
 def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -40,7 +47,7 @@ def run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 def trained_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     run_dir = tmp / "run"
-    run(tiny_args(tmp, run_dir))
+    run(tiny_args(tmp, run_dir, recipe=True))
     return tmp, run_dir
 
 
@@ -76,7 +83,7 @@ def test_same_prompts_reused_and_train_false_evaluates_only(trained_run, tmp_pat
     ckpt = run_dir / "checkpoints" / "finetuned_sam.pth"
     out = tmp_path / "eval_only"
     run(tiny_args(tmp, out, "train=false", f"model.checkpoint={ckpt}", f"eval.prompts_file={run_dir / 'prompts.json'}",
-                  "eval.save_masks=true"))
+                  "eval.save_masks=true", recipe=True))
     report = json.loads((out / "report.json").read_text())
     assert "finetuned" not in report
     # The exported fine-tuned weights, evaluated on the same prompts, give the fine-tuned numbers.
@@ -115,7 +122,7 @@ def test_last_checkpoint_holds_the_final_step_between_save_points(tmp_path):
 
     run_dir = tmp_path / "run"
     args = tiny_args(tmp_path, run_dir, "trainer.max_epochs=-1", "trainer.limit_train_batches=2",
-                     "callbacks.model_checkpoint.every_n_train_steps=2", *CACHED)
+                     "callbacks.model_checkpoint.every_n_train_steps=2")
     run([*args, "trainer.max_steps=3"])
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
@@ -126,7 +133,7 @@ def test_last_checkpoint_holds_the_final_step_between_save_points(tmp_path):
 def test_zoomed_run_validates_on_zoomed_views(tmp_path):
     """eval.zoom: validation (the best-checkpoint choice) runs the zoomed evaluation the report uses."""
     run_dir = tmp_path / "run"
-    proc = run(tiny_args(tmp_path, run_dir, "eval.modes=[box]"))  # experiment=pcb's eval.zoom=2
+    proc = run(tiny_args(tmp_path, run_dir, "eval.zoom=2", "eval.modes=[box]"))
     log = proc.stdout + proc.stderr
     assert "Validation evaluates box and one-point prompts with prompt-focused zoom: crop of 2x" in log
     metrics = (run_dir / "csv").rglob("metrics.csv")
@@ -137,7 +144,7 @@ def test_zoomed_run_validates_on_zoomed_views(tmp_path):
 def test_training_without_a_validation_split(tmp_path):
     """``data.val_split=null``: no validation, the checkpoint of the final epoch is last.ckpt and is evaluated."""
     run_dir = tmp_path / "run"
-    proc = run(tiny_args(tmp_path, run_dir, "data.val_split=null", "trainer.max_epochs=2", *CACHED))
+    proc = run(tiny_args(tmp_path, run_dir, "data.val_split=null", "trainer.max_epochs=2"))
     import torch
 
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 1

@@ -115,6 +115,10 @@ def test_scene_soft_edges_option_is_recorded_and_zero_keeps_the_old_scenes(tmp_p
     assert (out / "train" / "images" / "train_0000.png").read_bytes() != stamp
     with pytest.raises(ValueError, match="unknown key.*soft_edge"):
         ensure_scenes_dataset(out, n_train=1, soft_edge=0.5)
+    for bad in (1.5, -0.1, "lots"):  # refused before anything is generated or replaced
+        with pytest.raises(ValueError, match="soft_edges must be a share in"):
+            ensure_scenes_dataset(tmp_path / "never", n_train=1, soft_edges=bad)
+    assert not (tmp_path / "never").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["scenes"]
 
 
 def test_soft_edged_objects_fade_towards_their_boundary():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from samtune.data.errors import DataError
+from samtune.utils.io import temp_dir_beside
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "DONE.json"
@@ -195,8 +195,7 @@ def write_generated(out_dir: str | Path, write: Callable[[Path], dict], *, gener
         raise DataError.at(out_dir, "exists and was not written by a samtune generator; refusing to overwrite it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     params = _params(counts, seed, options)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is ordinary shared data
+    tmp = temp_dir_beside(out_dir)
     try:
         stats = write(tmp)
         manifest = {"generator": generator, "version": version, "params": params, "stats": stats}

@@ -15,6 +15,7 @@ Every object painted as an instance is a mask to segment; background clutter is 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -197,8 +198,7 @@ def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = (256, 4
     Returns:
         (image H x W x 3 uint8, instances H x W int32).
     """
-    if not 0.0 <= soft_edges <= 1.0:
-        raise ValueError(f"data.generator_params.soft_edges must be in [0, 1], got {soft_edges}")
+    _check_soft_edges(soft_edges)
     h, w = (int(rng.integers(size_range[0], size_range[1] + 1)) for _ in range(2))
     shape = (h, w)
     bg = _background(rng, shape)
@@ -229,16 +229,28 @@ def render_scene(rng: np.random.Generator, size_range: tuple[int, int] = (256, 4
     return canvas.finish(rng, noise=float(rng.uniform(0, 10)), blur=float(rng.choice([0, 0.5, 1.0, 1.8])), min_area=6)
 
 
+def _check_soft_edges(value: Any) -> float:
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"data.generator_params.soft_edges must be a share in [0, 1], got {value!r}")
+    return share
+
+
 def generate_scenes_dataset(out_dir: str | Path, *, n_train: int = 2000, n_val: int = 32, n_test: int = 64,
                             seed: int = 0, soft_edges: float = 0.0) -> Path:
     """Write generic scenes in the ``folder`` layout (byte-identical for one seed and options)."""
     return write_dataset(out_dir, render_scene, generator=GENERATOR, version=VERSION,
                          counts=split_counts(n_train, n_val, n_test), seed=seed,
-                         options={"soft_edges": float(soft_edges)})
+                         options={"soft_edges": _check_soft_edges(soft_edges)})
 
 
 def ensure_scenes_dataset(out_dir: str | Path, **params: float) -> Path:
     """Generate the scenes unless ``out_dir/DONE.json`` records the same parameters."""
+    if "soft_edges" in params:  # checked before any work, not per rendered scene
+        params = {**params, "soft_edges": _check_soft_edges(params["soft_edges"])}
     return ensure_generated(out_dir, render_scene, generator=GENERATOR, version=VERSION,
                             defaults={"n_train": 2000, "n_val": 32, "n_test": 64, "seed": 0, "soft_edges": 0.0},
                             params=params)

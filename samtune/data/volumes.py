@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import cv2
 import numpy as np
 
 from samtune.data.errors import DataError
+from samtune.utils.io import temp_dir_beside
 
 log = logging.getLogger(__name__)
 
@@ -273,8 +273,7 @@ def ensure_volume_slices(root: str | Path, splits: list[str], settings: SliceSet
     if (out / MANIFEST).is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the slices are ordinary shared data
+    tmp = temp_dir_beside(out)
     try:
         writer = _Writer(tmp, settings)
         for split, split_cases in cases.items():

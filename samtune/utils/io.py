@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 
-def _default_file_mode() -> int:
+def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
+_UMASK = _current_umask()
 # what open() would give a new file; tempfile.mkstemp makes it private (0600) instead
-_FILE_MODE = _default_file_mode()
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 def temp_file_beside(path: Path) -> tuple[int, str]:
@@ -25,6 +26,14 @@ def temp_file_beside(path: Path) -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.chmod(tmp, _FILE_MODE)
     return fd, tmp
+
+
+def temp_dir_beside(path: Path) -> Path:
+    """A new temporary folder in ``path``'s parent folder, with the permissions ``mkdir`` would give ``path``
+    (``mkdtemp``'s own are private to the owner), to be filled and renamed onto ``path``."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
+    return tmp
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

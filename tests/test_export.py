@@ -196,17 +196,3 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     text = atomic_write_text(tmp_path / "report.json", "{}")
     assert stat.S_IMODE(weights.stat().st_mode) == expected
     assert stat.S_IMODE(text.stat().st_mode) == expected
-
-
-def test_generated_dataset_folders_get_ordinary_permissions(tmp_path):
-    """Generated datasets are built in a temporary folder and renamed; the result is as mkdir would make it."""
-    import os
-    import stat
-
-    from samtune.data.synthetic_scenes import ensure_scenes_dataset
-
-    mask = os.umask(0)
-    os.umask(mask)
-    out = ensure_scenes_dataset(tmp_path / "scenes", n_train=1, n_val=0, n_test=0)
-    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
-    assert stat.S_IMODE((out / "DONE.json").stat().st_mode) == 0o666 & ~mask

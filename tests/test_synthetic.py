@@ -132,3 +132,17 @@ def test_soft_edged_objects_fade_towards_their_boundary():
     assert faded[10, 10, 0] > 150  # the centre keeps most of the object's colour
     assert 15 < faded[1, 10, 0] < 110  # the edge pixel is mostly background (opacity 0.1-0.5)
     assert faded[1, 10, 0] < faded[5, 10, 0] < faded[10, 10, 0]
+
+
+def test_generated_dataset_folders_get_ordinary_permissions(tmp_path):
+    """Generated datasets are built in a temporary folder and renamed; the result is as mkdir would make it."""
+    import os
+    import stat
+
+    from samtune.data.synthetic_scenes import ensure_scenes_dataset
+
+    mask = os.umask(0)
+    os.umask(mask)
+    out = ensure_scenes_dataset(tmp_path / "scenes", n_train=1, n_val=0, n_test=0)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((out / "DONE.json").stat().st_mode) == 0o666 & ~mask

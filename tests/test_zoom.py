@@ -65,15 +65,17 @@ def tiny():
 
 
 def box_oracle(model):
-    """A decoder that answers every box prompt with the box itself (in the low-resolution frame)."""
+    """A decoder that answers every box prompt with the pixels of the box itself, as training boxes mean it:
+    ``(x0, y0, x1, y1)`` in the input frame covers input pixels x0..x1 and y0..y1 (in the low-resolution frame)."""
     side = model.low_res_size
     scale = side / model.img_size
 
     def decode(embedding, *, points=None, boxes=None, mask_input=None, multimask_output=True):
         n = boxes.shape[0]
         logits = torch.full((n, 4, side, side), -20.0)
-        for i, (x0, y0, x1, y1) in enumerate((boxes * scale).tolist()):
-            logits[i, :, round(y0) : round(y1), round(x0) : round(x1)] = 20.0
+        for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+            rows = slice(round(y0 * scale), round((y1 + 1) * scale))
+            logits[i, :, rows, round(x0 * scale) : round((x1 + 1) * scale)] = 20.0
         return logits, torch.ones(n, 4)
 
     return decode
@@ -90,11 +92,35 @@ def test_zoomed_masks_are_pasted_back_where_the_prompt_is(tiny, monkeypatch, con
     (chunk,) = decode_prompts_zoomed(tiny, image, prompts, "box", multimask=False, cfg=ZoomConfig(context=context))
     for (x0, y0, x1, y1), mask in zip(boxes, chunk.masks, strict=True):
         expected = torch.zeros(h, w, dtype=torch.bool)
-        expected[y0:y1, x0:x1] = True  # SAM's box is continuous: x1 is a coordinate, not an included pixel
+        expected[y0 : y1 + 1, x0 : x1 + 1] = True  # a box from a mask ends at its last row and column
         iou = (mask & expected).sum() / (mask | expected).sum()
-        assert iou > 0.8, ((x0, y0, x1, y1), float(iou))
+        assert iou > 0.9, ((x0, y0, x1, y1), float(iou))
         ys, xs = torch.nonzero(mask, as_tuple=True)
         assert xs.min() >= x0 - 1 and xs.max() <= x1 + 1 and ys.min() >= y0 - 1 and ys.max() <= y1 + 1
+
+
+def test_zoomed_prompts_are_mapped_by_pixel_extent(tiny, monkeypatch):
+    """A crop enlarged s times: a box's last column becomes s input pixels, all inside the box the decoder gets
+    (x * s alone would start the box's far edge where that column starts); a point lands on its pixel's centre."""
+    seen = {}
+
+    def decode(embedding, *, points=None, boxes=None, mask_input=None, multimask_output=True):
+        seen["boxes"], seen["points"] = boxes, points
+        return torch.zeros(1, 4, tiny.low_res_size, tiny.low_res_size), torch.ones(1, 4)
+
+    monkeypatch.setattr(tiny, "decode", decode)
+    image = np.zeros((64, 64, 3), np.uint8)
+    prompt = {"instance": 1, "box": [20, 20, 29, 29], "point1": {"points": [[24, 25]], "labels": [1]}}
+    cfg = ZoomConfig(context=2.0, min_frac=0.0)  # 10 px box -> 20 px crop at (15, 15) -> enlarged s = 256 / 20
+    s = tiny.img_size / 20
+    list(decode_prompts_zoomed(tiny, image, [prompt], "box", multimask=False, cfg=cfg))
+    expected = torch.tensor([[5 * s, 5 * s, 15 * s - 1, 15 * s - 1]])
+    torch.testing.assert_close(seen["boxes"], expected)
+    list(decode_prompts_zoomed(tiny, image, [prompt], "point1", multimask=True, cfg=cfg))
+    (window,) = [zoom_window((24, 25, 24, 25), (64, 64), context=2.0)]  # a point's crop: min_side 16 px
+    s = tiny.img_size / (window[2] - window[0])
+    centre = torch.tensor([[[(24 - window[0] + 0.5) * s - 0.5, (25 - window[1] + 0.5) * s - 0.5]]])
+    torch.testing.assert_close(seen["points"][0], centre)
 
 
 def test_validation_evaluates_the_zoomed_views_the_report_uses(tmp_path):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from segment_anything.utils.transforms import ResizeLongestSide
 
 from samtune.data.zoom import zoom_window
 from samtune.evaluation.decoding import PromptPrediction, finish_logits
@@ -51,6 +52,22 @@ def prompt_window(
     """Square crop window around a prompt (points get at least ``min_frac`` of the longest image side)."""
     floor = 0.0 if is_box else cfg.min_frac * max(image_size)
     return zoom_window(prompt_xyxy, image_size, context=cfg.context, min_side=max(floor, cfg.min_px))
+
+
+def crop_enlargement(model: PromptableSam, crop_size: tuple[int, int]) -> tuple[float, float]:
+    """How much wider and taller than one input pixel a crop pixel becomes: ``(max(sx - 1, 0), max(sy - 1, 0))``.
+
+    Prompts are inclusive pixel indices (a box from a mask ends at its last row and column; pixel ``i``
+    covers ``[i, i + 1)``). ``ResizeLongestSide`` maps a coordinate by ``x * s``, which puts a box's last
+    column at the *start* of the ``s`` input pixels that column becomes, so a crop enlarged ``s`` times
+    loses ``s - 1`` input pixels of its object at the box's right and bottom edges. Training never sees that:
+    its boxes are drawn from masks already resized into the input frame. Adding this enlargement to a box's
+    far edges (and half of it to points, the centre of their enlarged pixel) maps prompts by pixel extent.
+    A crop that is shrunk (``s <= 1``) is mapped exactly as ``SamPredictor`` maps it.
+    """
+    h, w = crop_size
+    new_h, new_w = ResizeLongestSide.get_preprocess_shape(h, w, model.img_size)
+    return max(new_w / w - 1.0, 0.0), max(new_h / h - 1.0, 0.0)
 
 
 def _extent(prompt: dict, mode: str) -> tuple[float, float, float, float]:
@@ -102,14 +119,16 @@ def decode_prompts_zoomed(
         stability = torch.zeros(len(items))
         for i, (p, (x0, y0, x1, y1), (_, in_size, crop_size)) in enumerate(zip(items, windows, prepared)):
             offset = torch.tensor([x0, y0], dtype=torch.float)
+            grow = torch.tensor(crop_enlargement(model, crop_size))
             kwargs = {}
             if mode == "box":
                 box = torch.tensor([p["box"]], dtype=torch.float) - offset.repeat(2)
-                kwargs["boxes"] = model.boxes_to_input(box, crop_size).to(dev)
+                box_in = model.boxes_to_input(box, crop_size) + torch.cat([torch.zeros(2), grow])
+                kwargs["boxes"] = box_in.to(dev)
             else:
                 coords = torch.tensor([p[mode]["points"]], dtype=torch.float) - offset
                 labels = torch.tensor([p[mode]["labels"]], dtype=torch.int)
-                kwargs["points"] = (model.coords_to_input(coords, crop_size).to(dev), labels.to(dev))
+                kwargs["points"] = ((model.coords_to_input(coords, crop_size) + grow / 2).to(dev), labels.to(dev))
             logits, iou = model.decode(embeddings[i : i + 1], **kwargs)
             crop_mask, pred_iou, stab, _ = finish_logits(
                 model, logits, iou, multimask=multimask, input_size=in_size, original_size=crop_size,

@@ -13,6 +13,9 @@ from samtune.data.sources import build_records
 from samtune.data.zoom import ZoomCropConfig, sample_zoom_crop, zoom_window
 from samtune.evaluation.evaluator import evaluate_model
 from samtune.evaluation.job import validation_prompts
+from omegaconf import OmegaConf
+
+from samtune.evaluation.job import zoom_config
 from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
 from samtune.losses import SamLoss
 from samtune.model import build_model
@@ -121,6 +124,59 @@ def test_zoomed_prompts_are_mapped_by_pixel_extent(tiny, monkeypatch):
     s = tiny.img_size / (window[2] - window[0])
     centre = torch.tensor([[[(24 - window[0] + 0.5) * s - 0.5, (25 - window[1] + 0.5) * s - 0.5]]])
     torch.testing.assert_close(seen["points"][0], centre)
+
+
+def disc_oracle(model, radius: float, seen: list):
+    """A decoder that answers a point with a disc of ``radius`` input pixels around it (all outputs), and records
+    the side of each crop it is asked about (through the point's enlargement)."""
+    side = model.low_res_size
+    scale = side / model.img_size
+
+    def decode(embedding, *, points=None, boxes=None, mask_input=None, multimask_output=True):
+        (x, y), = points[0][0].tolist()
+        yy, xx = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
+        inside = (xx - (x + 0.5) * scale) ** 2 + (yy - (y + 0.5) * scale) ** 2 <= (radius * scale) ** 2
+        seen.append((x, y))
+        return torch.where(inside, 20.0, -20.0).expand(1, 4, side, side).clone(), torch.ones(1, 4)
+
+    return decode
+
+
+def test_point_prompts_are_recropped_around_the_mask_just_predicted(tiny, monkeypatch):
+    """refine=1: the first crop of a point is min_frac of the image; the second is context x the extent of the
+    mask predicted in the first (here a disc of 40 input px radius, 100 px crop -> about 31 px across)."""
+    seen, crops = [], []
+    monkeypatch.setattr(tiny, "decode", disc_oracle(tiny, 40.0, seen))
+    prepare = tiny.prepare_image
+    monkeypatch.setattr(tiny, "prepare_image", lambda crop: crops.append(crop.shape[:2]) or prepare(crop))
+    image = np.zeros((200, 200, 3), np.uint8)
+    prompt = {"instance": 1, "point1": {"points": [[100, 90]], "labels": [1]}}
+    cfg = ZoomConfig(context=2.0, min_frac=0.5, refine=1)
+    (chunk,) = decode_prompts_zoomed(tiny, image, [prompt], "point1", multimask=True, cfg=cfg)
+    assert crops[0] == (100, 100)
+    ys, xs = torch.nonzero(chunk.masks[0], as_tuple=True)
+    across = 40.0 * 2 * 100 / tiny.img_size  # the disc in image pixels, as predicted in the first crop
+    assert abs(crops[1][0] - 2 * across) <= 3 and crops[1][0] == crops[1][1]
+    # the answer is the second crop's: the same disc, now 40 input px of a ~31 px crop -> about 2 * 40 * 31 / 256
+    assert abs((int(xs.max()) - int(xs.min()) + 1) - 2 * 40.0 * crops[1][0] / tiny.img_size) <= 2
+    assert abs(float(xs.float().mean()) - 100.5) <= 1 and abs(float(ys.float().mean()) - 90.5) <= 1
+    # refine=0 is the first crop only; a box, whose extent is known, is never re-cropped
+    crops.clear()
+    list(decode_prompts_zoomed(tiny, image, [prompt], "point1", multimask=True, cfg=ZoomConfig(min_frac=0.5)))
+    assert crops == [(100, 100)]
+    crops.clear()
+    monkeypatch.setattr(tiny, "decode", box_oracle(tiny))
+    list(decode_prompts_zoomed(tiny, image, [{"instance": 1, "box": [90, 80, 109, 99]}], "box", multimask=False, cfg=cfg))
+    assert crops == [(40, 40)]
+
+
+def test_zoom_refine_config():
+    assert zoom_config(OmegaConf.create({"zoom": 2.0, "zoom_refine": 1})).refine == 1
+    assert zoom_config(OmegaConf.create({"zoom": 2.0})).refine == 0
+    assert "re-cropped" in ZoomConfig(refine=2).describe() and "re-cropped" not in ZoomConfig().describe()
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="eval.zoom.refine"):
+            ZoomConfig(refine=bad)
 
 
 def test_validation_evaluates_the_zoomed_views_the_report_uses(tmp_path):

@@ -62,7 +62,8 @@ def zoom_config(eval_cfg: DictConfig) -> ZoomConfig | None:
     if z is None or z is False:
         return None
     if isinstance(z, (int, float)):
-        return ZoomConfig(context=float(z), min_frac=float(eval_cfg.get("zoom_min_frac", 0.2)))
+        return ZoomConfig(context=float(z), min_frac=float(eval_cfg.get("zoom_min_frac", 0.2)),
+                          refine=eval_cfg.get("zoom_refine", 0))
     return ZoomConfig(**OmegaConf.to_container(z))
 
 

@@ -29,21 +29,32 @@ class ZoomConfig:
         min_frac: Smallest crop side as a fraction of the image's longest side (used for point
             prompts, whose object size is unknown, and for tiny boxes).
         min_px: Smallest crop side in pixels.
+        refine: Re-crop rounds for point prompts. A point says nothing of its object's size, so its first crop
+            is ``min_frac`` of the image: too coarse for a small object, too tight for a large one. Each round
+            crops again around the extent of the mask just predicted (with the positive points), ``context``
+            times it, and segments the points again there. 0: the first crop only.
     """
 
     context: float = 2.0
     min_frac: float = 0.2
     min_px: int = 16
+    refine: int = 0
 
     def __post_init__(self) -> None:
         if self.context < 1:
             raise ValueError(f"eval.zoom.context must be >= 1, got {self.context}")
         if not 0 <= self.min_frac <= 1:
             raise ValueError(f"eval.zoom.min_frac must be in [0, 1], got {self.min_frac}")
+        if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
+            raise ValueError(f"eval.zoom.refine must be a whole number >= 0, got {self.refine!r}")
 
     def describe(self) -> str:
-        return (f"prompt-focused zoom: crop of {self.context:g}x the prompt's extent (at least "
+        text = (f"prompt-focused zoom: crop of {self.context:g}x the prompt's extent (at least "
                 f"{self.min_frac:g} of the longest image side) around each prompt, resized to the model input")
+        if self.refine:
+            text += (f"; point prompts re-cropped {self.refine}x around {self.context:g}x the extent of the mask "
+                     "just predicted")
+        return text
 
 
 def prompt_window(
@@ -79,6 +90,18 @@ def _extent(prompt: dict, mode: str) -> tuple[float, float, float, float]:
     return float(pos[:, 0].min()), float(pos[:, 1].min()), float(pos[:, 0].max()), float(pos[:, 1].max())
 
 
+def _refined_window(prompt: dict, mode: str, mask: torch.Tensor, image_size: tuple[int, int],
+                    cfg: ZoomConfig) -> tuple[int, int, int, int]:
+    """The crop of a re-crop round: ``context`` times the extent of the predicted mask and the positive points
+    (the points' own crop when the mask is empty)."""
+    px0, py0, px1, py1 = _extent(prompt, mode)
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if len(xs) == 0:
+        return prompt_window((px0, py0, px1, py1), image_size, cfg, is_box=False)
+    extent = (min(px0, float(xs.min())), min(py0, float(ys.min())), max(px1, float(xs.max())), max(py1, float(ys.max())))
+    return zoom_window(extent, image_size, context=cfg.context, min_side=cfg.min_px)
+
+
 @torch.no_grad()
 def decode_prompts_zoomed(
     model: PromptableSam,
@@ -107,37 +130,56 @@ def decode_prompts_zoomed(
         Chunks with masks n x H x W bool at the image size (``low_res`` is None: each crop has its own frame).
     """
     h, w = image.shape[:2]
-    dev = model.device
     for start in range(0, len(prompts), chunk):
         sl = slice(start, start + chunk)
         items = prompts[sl]
         windows = [prompt_window(_extent(p, mode), (h, w), cfg, is_box=mode == "box") for p in items]
-        prepared = [model.prepare_image(np.ascontiguousarray(image[y0:y1, x0:x1])) for x0, y0, x1, y1 in windows]
-        embeddings = model.embed(torch.cat([x for x, _, _ in prepared]))
-        masks = torch.zeros(len(items), h, w, dtype=torch.bool)
-        scores = torch.zeros(len(items))
-        stability = torch.zeros(len(items))
-        for i, (p, (x0, y0, x1, y1), (_, in_size, crop_size)) in enumerate(zip(items, windows, prepared)):
-            offset = torch.tensor([x0, y0], dtype=torch.float)
-            grow = torch.tensor(crop_enlargement(model, crop_size))
-            kwargs = {}
-            if mode == "box":
-                box = torch.tensor([p["box"]], dtype=torch.float) - offset.repeat(2)
-                box_in = model.boxes_to_input(box, crop_size) + torch.cat([torch.zeros(2), grow])
-                kwargs["boxes"] = box_in.to(dev)
-            else:
-                coords = torch.tensor([p[mode]["points"]], dtype=torch.float) - offset
-                labels = torch.tensor([p[mode]["labels"]], dtype=torch.int)
-                kwargs["points"] = ((model.coords_to_input(coords, crop_size) + grow / 2).to(dev), labels.to(dev))
-            logits, iou = model.decode(embeddings[i : i + 1], **kwargs)
-            crop_mask, pred_iou, stab, _ = finish_logits(
-                model, logits, iou, multimask=multimask, input_size=in_size, original_size=crop_size,
-                stability_offset=stability_offset,
-            )
-            masks[i, y0:y1, x0:x1] = crop_mask[0]
-            scores[i] = float(pred_iou[0])
-            stability[i] = float(stab[0])
+        masks, scores, stability = _segment_in_windows(model, image, items, windows, mode, multimask, stability_offset)
+        for _ in range(cfg.refine if mode != "box" else 0):
+            windows = [_refined_window(p, mode, m, (h, w), cfg) for p, m in zip(items, masks, strict=True)]
+            masks, scores, stability = _segment_in_windows(
+                model, image, items, windows, mode, multimask, stability_offset)
         yield PromptPrediction(sl, masks, scores, stability, None)
+
+
+def _segment_in_windows(
+    model: PromptableSam,
+    image: np.ndarray,
+    items: list[dict],
+    windows: list[tuple[int, int, int, int]],
+    mode: str,
+    multimask: bool,
+    stability_offset: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Segment each prompt in its window; masks pasted back at the image size, predicted IoU, stability."""
+    h, w = image.shape[:2]
+    dev = model.device
+    prepared = [model.prepare_image(np.ascontiguousarray(image[y0:y1, x0:x1])) for x0, y0, x1, y1 in windows]
+    embeddings = model.embed(torch.cat([x for x, _, _ in prepared]))
+    masks = torch.zeros(len(items), h, w, dtype=torch.bool)
+    scores = torch.zeros(len(items))
+    stability = torch.zeros(len(items))
+    for i, (p, (x0, y0, x1, y1), (_, in_size, crop_size)) in enumerate(zip(items, windows, prepared)):
+        offset = torch.tensor([x0, y0], dtype=torch.float)
+        grow = torch.tensor(crop_enlargement(model, crop_size))
+        kwargs = {}
+        if mode == "box":
+            box = torch.tensor([p["box"]], dtype=torch.float) - offset.repeat(2)
+            box_in = model.boxes_to_input(box, crop_size) + torch.cat([torch.zeros(2), grow])
+            kwargs["boxes"] = box_in.to(dev)
+        else:
+            coords = torch.tensor([p[mode]["points"]], dtype=torch.float) - offset
+            labels = torch.tensor([p[mode]["labels"]], dtype=torch.int)
+            kwargs["points"] = ((model.coords_to_input(coords, crop_size) + grow / 2).to(dev), labels.to(dev))
+        logits, iou = model.decode(embeddings[i : i + 1], **kwargs)
+        crop_mask, pred_iou, stab, _ = finish_logits(
+            model, logits, iou, multimask=multimask, input_size=in_size, original_size=crop_size,
+            stability_offset=stability_offset,
+        )
+        masks[i, y0:y1, x0:x1] = crop_mask[0]
+        scores[i] = float(pred_iou[0])
+        stability[i] = float(stab[0])
+    return masks, scores, stability
 
 
 def predict_prompts_zoomed(

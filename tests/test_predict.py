@@ -102,6 +102,11 @@ def test_box_mode_with_zoom(setup):
     anns = json.loads((out / "top_coco.json").read_text())["annotations"]
     assert sorted(a["prompt"]["box"] for a in anns) == [[5.0, 5.0, 30.0, 25.0], [35.0, 20.0, 60.0, 44.0]]
     assert "zoom" in json.loads((out / "predict_run.json").read_text())["settings"]["zoom"]
+    out = tmp / "out_points_zoom"
+    summary = predict(_cfg(f"ckpt={ckpt}", f"input={images}", "mode=points", f"prompt_file={prompts}", f"out={out}",
+                           "zoom=2", "zoom_refine=1"))
+    assert summary["masks"] == 3
+    assert "re-cropped 1x" in json.loads((out / "predict_run.json").read_text())["settings"]["zoom"]
 
 
 def test_output_folder_guards(setup):

@@ -120,7 +120,7 @@ def test_zoomed_prompts_are_mapped_by_pixel_extent(tiny, monkeypatch):
     expected = torch.tensor([[5 * s, 5 * s, 15 * s - 1, 15 * s - 1]])
     torch.testing.assert_close(seen["boxes"], expected)
     list(decode_prompts_zoomed(tiny, image, [prompt], "point1", multimask=True, cfg=cfg))
-    (window,) = [zoom_window((24, 25, 24, 25), (64, 64), context=2.0)]  # a point's crop: min_side 16 px
+    window = zoom_window((24, 25, 24, 25), (64, 64), context=2.0)  # a point's crop: min_side 16 px
     s = tiny.img_size / (window[2] - window[0])
     centre = torch.tensor([[[(24 - window[0] + 0.5) * s - 0.5, (25 - window[1] + 0.5) * s - 0.5]]])
     torch.testing.assert_close(seen["points"][0], centre)

@@ -8,14 +8,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from samtune.data.sources import build_records
 from samtune.data.zoom import ZoomCropConfig, sample_zoom_crop, zoom_window
 from samtune.evaluation.evaluator import evaluate_model
-from samtune.evaluation.job import validation_prompts
-from omegaconf import OmegaConf
-
-from samtune.evaluation.job import zoom_config
+from samtune.evaluation.job import validation_prompts, zoom_config
 from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
 from samtune.losses import SamLoss
 from samtune.model import build_model
@@ -126,9 +124,8 @@ def test_zoomed_prompts_are_mapped_by_pixel_extent(tiny, monkeypatch):
     torch.testing.assert_close(seen["points"][0], centre)
 
 
-def disc_oracle(model, radius: float, seen: list):
-    """A decoder that answers a point with a disc of ``radius`` input pixels around it (all outputs), and records
-    the side of each crop it is asked about (through the point's enlargement)."""
+def disc_oracle(model, radius: float):
+    """A decoder that answers a point with a disc of ``radius`` input pixels around it (all outputs)."""
     side = model.low_res_size
     scale = side / model.img_size
 
@@ -136,7 +133,6 @@ def disc_oracle(model, radius: float, seen: list):
         (x, y), = points[0][0].tolist()
         yy, xx = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
         inside = (xx - (x + 0.5) * scale) ** 2 + (yy - (y + 0.5) * scale) ** 2 <= (radius * scale) ** 2
-        seen.append((x, y))
         return torch.where(inside, 20.0, -20.0).expand(1, 4, side, side).clone(), torch.ones(1, 4)
 
     return decode
@@ -145,8 +141,8 @@ def disc_oracle(model, radius: float, seen: list):
 def test_point_prompts_are_recropped_around_the_mask_just_predicted(tiny, monkeypatch):
     """refine=1: the first crop of a point is min_frac of the image; the second is context x the extent of the
     mask predicted in the first (here a disc of 40 input px radius, 100 px crop -> about 31 px across)."""
-    seen, crops = [], []
-    monkeypatch.setattr(tiny, "decode", disc_oracle(tiny, 40.0, seen))
+    crops = []
+    monkeypatch.setattr(tiny, "decode", disc_oracle(tiny, 40.0))
     prepare = tiny.prepare_image
     monkeypatch.setattr(tiny, "prepare_image", lambda crop: crops.append(crop.shape[:2]) or prepare(crop))
     image = np.zeros((200, 200, 3), np.uint8)

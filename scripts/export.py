@@ -2,9 +2,12 @@
 
     python scripts/export.py ckpt=outputs/pcb/runs/<time> out=sam_pcb.pth
     python scripts/export.py ckpt=outputs/pcb/runs/<time>/checkpoints/last.ckpt out=sam_pcb.pth onnx=decoder.onnx
+    python scripts/export.py 'ckpt=[run/checkpoints/step=1000.ckpt,run/checkpoints/last.ckpt]' out=avg.pth
 
 Arguments (key=value):
-    ckpt         Lightning checkpoint, or run directory (its best validation checkpoint, else last.ckpt)
+    ckpt         Lightning checkpoint, or run directory (its best validation checkpoint, else last.ckpt); or a
+                 list ckpt=[a.ckpt,b.ckpt,...] of checkpoints of one model, whose weights are averaged
+                 (checkpoint averaging: the last few checkpoints of a run often beat each one of them)
     out          destination .pth: segment_anything keys, LoRA merged; refuses to replace a file unless
                  overwrite=true
     onnx         also write the prompt encoder + mask decoder as ONNX (needs `pip install samtune[export]`)

@@ -196,3 +196,30 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     text = atomic_write_text(tmp_path / "report.json", "{}")
     assert stat.S_IMODE(weights.stat().st_mode) == expected
     assert stat.S_IMODE(text.stat().st_mode) == expected
+
+
+def test_a_list_of_checkpoints_exports_their_averaged_weights(tmp_path):
+    """ckpt=[a,b]: the mean of the two runs' merged weights; checkpoints of different models are refused."""
+    runs = []
+    for seed in (1, 2):
+        module = make_module("lora", seed=seed, lora=LORA)
+        perturb_lora(module.model.sam)
+        runs.append((write_run(tmp_path / f"run{seed}", module, lora=LORA), module))
+    singles = []
+    for i, (ckpt, _) in enumerate(runs):
+        export_script.main([f"ckpt={ckpt}", f"out={tmp_path / f'single{i}.pth'}"])
+        singles.append(torch.load(tmp_path / f"single{i}.pth", weights_only=True))
+    assert export_script.main([f"ckpt=[{runs[0][0]},{runs[1][0]}]", f"out={tmp_path / 'avg.pth'}"]) == 0
+    avg = torch.load(tmp_path / "avg.pth", weights_only=True)
+    assert set(avg) == set(singles[0])
+    for key, value in avg.items():
+        torch.testing.assert_close(value, (singles[0][key] + singles[1][key]) / 2)
+    assert not torch.equal(singles[0]["image_encoder.blocks.0.attn.qkv.weight"],
+                           singles[1]["image_encoder.blocks.0.attn.qkv.weight"])
+    build_model("sam_tiny", checkpoint=tmp_path / "avg.pth")  # a plain state dict samtune loads
+
+    shallower = build_model("sam_tiny", seed=3, arch={"encoder_depth": 3, "encoder_global_attn_indexes": [2]})
+    other = save_sam_weights(shallower.sam, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"cannot average .*other.pth.*keys differ"):
+        export_script.main([f"ckpt=[{runs[0][0]},{other}]", f"out={tmp_path / 'bad.pth'}"])
+    assert not (tmp_path / "bad.pth").exists()

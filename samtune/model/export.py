@@ -124,8 +124,43 @@ def settings_from_config(cfg, run_dir: Path | None = None) -> dict:
     return out
 
 
+def average_state_dicts(
+    states: list[Mapping[str, torch.Tensor]], sources: list[str]
+) -> dict[str, torch.Tensor]:
+    """Uniform average of the weights of several checkpoints of one model (checkpoint averaging).
+
+    Floating-point tensors are averaged in float32 and stored in the first state's dtype; other tensors
+    (integer buffers) must be equal in every state.
+
+    Raises:
+        CheckpointError: the states do not hold the same keys and shapes (naming the checkpoint that differs).
+    """
+    first, name = states[0], sources[0]
+    out = {}
+    for state, source in zip(states[1:], sources[1:]):
+        missing, extra = sorted(set(first) - set(state)), sorted(set(state) - set(first))
+        if missing or extra:
+            raise CheckpointError(f"cannot average {source} with {name}: keys differ "
+                                  f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        for key, tensor in state.items():
+            if tensor.shape != first[key].shape:
+                raise CheckpointError(f"cannot average {source} with {name}: {key} has shape "
+                                      f"{tuple(tensor.shape)}, not {tuple(first[key].shape)}")
+    for key, tensor in first.items():
+        if tensor.is_floating_point():
+            total = sum(state[key].detach().float() for state in states)
+            out[key] = (total / len(states)).to(tensor.dtype)
+        else:
+            for state, source in zip(states[1:], sources[1:]):
+                if not torch.equal(state[key], tensor):
+                    raise CheckpointError(f"cannot average {source} with {name}: {key} is not a float tensor "
+                                          "and differs")
+            out[key] = tensor
+    return out
+
+
 def export_state_dict(
-    ckpt: str | os.PathLike,
+    ckpt: str | os.PathLike | list,
     out: str | os.PathLike,
     *,
     overwrite: bool = False,
@@ -137,7 +172,9 @@ def export_state_dict(
     """Write the plain segment_anything state dict of a samtune checkpoint or run to ``out``.
 
     Args:
-        ckpt: Lightning checkpoint, run directory, or any checkpoint ``model.checkpoint`` accepts.
+        ckpt: Lightning checkpoint, run directory, or any checkpoint ``model.checkpoint`` accepts; or a list
+            of them (checkpoints of one run, say the last few): each is exported, then their weights are
+            averaged uniformly (checkpoint averaging, as fairseq's ``average_checkpoints.py`` or SWA).
         out: Destination ``.pth``.
         overwrite: Replace an existing ``out``.
         base: Base weights for a checkpoint that leaves frozen weights out (default: the recorded one).
@@ -146,9 +183,33 @@ def export_state_dict(
         half: Store float16 tensors.
 
     Returns:
-        (the checkpoint file that was exported, the exported state dict).
+        (the checkpoint file that was exported (the first one for a list), the exported state dict).
     """
     refuse_overwrite(out, overwrite, "out")
+    if isinstance(ckpt, (list, tuple)):
+        if not ckpt:
+            raise ValueError("ckpt=[]: name at least one checkpoint")
+        paths, states = [], []
+        for one in ckpt:
+            path, state = _exported_state(one, base=base, overrides=overrides, use_best=use_best)
+            paths.append(path)
+            states.append(state)
+        state = average_state_dicts(states, [str(p) for p in paths]) if len(states) > 1 else states[0]
+        if len(states) > 1:
+            log.info("Averaged the weights of %d checkpoints", len(states))
+        path = paths[0]
+    else:
+        path, state = _exported_state(ckpt, base=base, overrides=overrides, use_best=use_best)
+    arch = infer_arch(state)
+    save_state_dict(state, out, half=half)
+    log.info("Wrote %s (%s; loads with %s)", out, arch.describe(),
+             f"sam_model_registry[{name_arch(arch)!r}]" if name_arch(arch) in ("vit_b", "vit_l", "vit_h")
+             else "samtune.model.build_model")
+    return path, state
+
+
+def _exported_state(ckpt, *, base, overrides, use_best) -> tuple[Path, dict[str, torch.Tensor]]:
+    """One checkpoint or run -> (its file, its complete segment_anything state dict, checked)."""
     path, run_dir = find_checkpoint(ckpt, use_best=use_best)
     log.info("Exporting %s", path)
     obj = load_checkpoint_file(path)
@@ -164,10 +225,6 @@ def export_state_dict(
         raise CheckpointError(f"ckpt={path}: the exported weights are not a complete SAM")
     with torch.device("meta"):
         check_state_dict(build_sam_from_arch(arch), state, source=str(path), model_type=name_arch(arch) or "custom")
-    save_state_dict(state, out, half=half)
-    log.info("Wrote %s (%s; loads with %s)", out, arch.describe(),
-             f"sam_model_registry[{name_arch(arch)!r}]" if name_arch(arch) in ("vit_b", "vit_l", "vit_h")
-             else "samtune.model.build_model")
     return path, state
 
 

@@ -117,17 +117,30 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
 
 
 def test_last_checkpoint_holds_the_final_step_between_save_points(tmp_path):
-    """max_steps=3 with a save every 2 steps: last.ckpt holds step 3 (not 2), and a resume continues from it."""
+    """max_steps=3 with a save every 2 steps: last.ckpt holds step 3 (not 2), and a resume continues from it.
+
+    With callbacks.snapshots.save_top_k=-1 every save point is kept too, and export averages them.
+    """
     import torch
+
+    from samtune.model.export import export_state_dict
 
     run_dir = tmp_path / "run"
     args = tiny_args(tmp_path, run_dir, "trainer.max_epochs=-1", "trainer.limit_train_batches=2",
-                     "callbacks.model_checkpoint.every_n_train_steps=2")
+                     "callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.snapshots.save_top_k=-1")
     run([*args, "trainer.max_steps=3"])
     last = run_dir / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
     run([*args, "trainer.max_steps=4", "resume=true"])
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    snapshots = sorted((run_dir / "checkpoints" / "snapshots").glob("*.ckpt"))
+    assert [p.name for p in snapshots] == ["step_000002.ckpt", "step_000003.ckpt", "step_000004.ckpt"]
+    _, averaged = export_state_dict(snapshots[1:], tmp_path / "avg.pth")
+    _, first = export_state_dict(snapshots[1], tmp_path / "3.pth")
+    _, second = export_state_dict(snapshots[2], tmp_path / "4.pth")
+    key = "mask_decoder.output_upscaling.0.weight"
+    assert not torch.equal(first[key], second[key])
+    torch.testing.assert_close(averaged[key], (first[key] + second[key]) / 2)
 
 
 def test_zoomed_run_validates_on_zoomed_views(tmp_path):

@@ -27,3 +27,15 @@ class LatestCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+
+
+class SnapshotCheckpoint(LatestCheckpoint):
+    """A :class:`LatestCheckpoint` for keeping every save point (``save_top_k=-1``), e.g. for checkpoint averaging.
+
+    Its state is keyed by its own class name: the state key of a checkpoint callback without a monitor would
+    otherwise be the same as ``last.ckpt``'s, which Lightning refuses.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return ModelCheckpoint.state_key.fget(self)

@@ -2,7 +2,7 @@
 
     python scripts/export.py ckpt=outputs/pcb/runs/<time> out=sam_pcb.pth
     python scripts/export.py ckpt=outputs/pcb/runs/<time>/checkpoints/last.ckpt out=sam_pcb.pth onnx=decoder.onnx
-    python scripts/export.py 'ckpt=[run/checkpoints/step=1000.ckpt,run/checkpoints/last.ckpt]' out=avg.pth
+    python scripts/export.py 'ckpt=[run/checkpoints/snapshots/step_001000.ckpt,run/checkpoints/last.ckpt]' out=avg.pth
 
 Arguments (key=value):
     ckpt         Lightning checkpoint, or run directory (its best validation checkpoint, else last.ckpt); or a

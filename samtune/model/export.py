@@ -194,8 +194,9 @@ def export_state_dict(
             path, state = _exported_state(one, base=base, overrides=overrides, use_best=use_best)
             paths.append(path)
             states.append(state)
-        state = average_state_dicts(states, [str(p) for p in paths]) if len(states) > 1 else states[0]
+        state = states[0]
         if len(states) > 1:
+            state = average_state_dicts(states, [str(p) for p in paths])
             log.info("Averaged the weights of %d checkpoints", len(states))
         path = paths[0]
     else:

@@ -7,7 +7,7 @@
 Arguments (key=value):
     ckpt         Lightning checkpoint, or run directory (its best validation checkpoint, else last.ckpt); or a
                  list ckpt=[a.ckpt,b.ckpt,...] of checkpoints of one model, whose weights are averaged
-                 (checkpoint averaging: the last few checkpoints of a run often beat each one of them)
+                 (checkpoint averaging; README, "Export")
     out          destination .pth: segment_anything keys, LoRA merged; refuses to replace a file unless
                  overwrite=true
     onnx         also write the prompt encoder + mask decoder as ONNX (needs `pip install samtune[export]`)

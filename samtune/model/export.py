@@ -186,21 +186,14 @@ def export_state_dict(
         (the checkpoint file that was exported (the first one for a list), the exported state dict).
     """
     refuse_overwrite(out, overwrite, "out")
-    if isinstance(ckpt, (list, tuple)):
-        if not ckpt:
-            raise ValueError("ckpt=[]: name at least one checkpoint")
-        paths, states = [], []
-        for one in ckpt:
-            path, state = _exported_state(one, base=base, overrides=overrides, use_best=use_best)
-            paths.append(path)
-            states.append(state)
-        state = states[0]
-        if len(states) > 1:
-            state = average_state_dicts(states, [str(p) for p in paths])
-            log.info("Averaged the weights of %d checkpoints", len(states))
-        path = paths[0]
-    else:
-        path, state = _exported_state(ckpt, base=base, overrides=overrides, use_best=use_best)
+    ckpts = list(ckpt) if isinstance(ckpt, (list, tuple)) else [ckpt]
+    if not ckpts:
+        raise ValueError("ckpt=[]: name at least one checkpoint")
+    paths, states = zip(*(_exported_state(one, base=base, overrides=overrides, use_best=use_best) for one in ckpts))
+    path, state = paths[0], states[0]
+    if len(states) > 1:
+        state = average_state_dicts(list(states), [str(p) for p in paths])
+        log.info("Averaged the weights of %d checkpoints", len(states))
     arch = infer_arch(state)
     save_state_dict(state, out, half=half)
     log.info("Wrote %s (%s; loads with %s)", out, arch.describe(),

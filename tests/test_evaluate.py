@@ -160,6 +160,35 @@ def test_evaluate_model_clicks_auto_and_calibration(blobs, tmp_path):
         evaluate_model(model, records, prompts, name="x", modes=["lasso"])
 
 
+@pytest.mark.parametrize("zoom", [None, ZoomConfig(context=2.0, refine=1)])
+def test_point1_oracle_scores_each_instance_by_its_best_output(blobs, zoom):
+    """point1_oracle decodes the one-point prompts once per multimask output; each instance's oracle IoU is the
+    best of the three, the IoU head's choice (point1) is one of them, and the summary gives each output's mIoU."""
+    from samtune.data.records import load_record
+
+    records, _ = build_records("folder", blobs, "test")
+    prompts = {r.rel_path: make_instance_prompts(load_record(r)[1], seed=0, key=r.rel_path) for r in records}
+    model = build_model("sam_tiny", seed=1)
+    result = evaluate_model(model, records, prompts, name="zero_shot", modes=["point1", "point1_oracle"], zoom=zoom)
+    n = sum(len(v) for v in prompts.values())
+    oracle = [r for r in result.rows if r["mode"] == "point1_oracle"]
+    chosen = {(r["image"], r["instance"]): r["iou"] for r in result.rows if r["mode"] == "point1"}
+    assert len(oracle) == n == len(chosen)
+    for r in oracle:
+        assert len(r["output_ious"]) == 3 and r["iou"] == max(r["output_ious"])
+        assert r["output_ious"][r["output"] - 1] == r["iou"]
+        if zoom is None:  # with re-crops, the head's choice can steer its later windows elsewhere
+            assert min(abs(chosen[r["image"], r["instance"]] - v) for v in r["output_ious"]) < 1e-5
+    summary = result.summary["point1_oracle"]
+    per_output = np.array([r["output_ious"] for r in oracle])
+    assert summary["n"] == n and summary["miou"] == pytest.approx(per_output.max(1).mean(), abs=1e-5)
+    assert [summary["output_miou"][k] for k in "123"] == pytest.approx(per_output.mean(0).tolist(), abs=1e-5)
+    assert sum(summary["output_share"].values()) == pytest.approx(1.0)
+    assert summary["miou"] >= max(summary["output_miou"].values()) - 1e-6
+    assert summary["miou"] >= result.summary["point1"]["miou"] - 1e-6
+    assert result.calibration["point1_oracle"]["n"] == n
+
+
 # ---------------------------------------------------------------- scripts/evaluate.py end to end
 def test_evaluate_script_end_to_end(blobs, tmp_path):
     ckpt = tmp_path / "last.ckpt"  # a Lightning-style checkpoint of another sam_tiny
@@ -168,19 +197,20 @@ def test_evaluate_script_end_to_end(blobs, tmp_path):
     start = save_sam_weights(build_model("sam_tiny", seed=3).sam, tmp_path / "start.pth")
     out = tmp_path / "eval_run"
     args = tiny_args(tmp_path, out, *blob_args(blobs), f"model.checkpoint={start}", f"finetuned={ckpt}",
-                     "eval.modes=[box,point1,clicks,auto]", "eval.max_clicks=2", "eval.auto.points_per_side=2",
+                     "eval.modes=[box,point1,point1_oracle,clicks,auto]", "eval.max_clicks=2", "eval.auto.points_per_side=2",
                      "eval.auto.pred_iou_thresh=0", "eval.auto.stability_score_thresh=0",
                      "eval.split=train", f"eval.extra_sets=[{{name: other, root: '{blobs}', split: val, modes: [box]}}]")
     args[1] = str(ROOT / "scripts" / "evaluate.py")
     run(args)
     report = json.loads((out / "report.json").read_text())
     for name in ("zero_shot", "finetuned"):
-        assert set(report[name]) == {"box", "point1", "clicks", "auto"}
+        assert set(report[name]) == {"box", "point1", "point1_oracle", "clicks", "auto"}
         for mode in report[name].values():
             assert set(mode) >= {"miou", "dice", "n"} and mode["n"] > 0
-        assert set(report["calibration"][name]) == {"box", "point1", "clicks", "auto"}
+        assert set(report["calibration"][name]) == {"box", "point1", "point1_oracle", "clicks", "auto"}
         assert set(report[name]["clicks"]["miou_at"]) == {"1", "2"}
-    assert set(report["gain"]) == {"box", "point1", "clicks", "auto"} and report["skipped_files"] == []
+        assert set(report[name]["point1_oracle"]["output_miou"]) == {"1", "2", "3"}
+    assert set(report["gain"]) == {"box", "point1", "point1_oracle", "clicks", "auto"} and report["skipped_files"] == []
     assert report["meta"]["checkpoint"] == str(start) and report["meta"]["finetuned_checkpoint"] == str(ckpt)
     other_set = report["extra_sets"]["other"]
     assert other_set["meta"]["split"] == "val" and set(other_set["finetuned"]) == {"box"} and "gain" in other_set
@@ -193,7 +223,7 @@ def test_evaluate_script_end_to_end(blobs, tmp_path):
     assert {r["model"] for r in rows} == {"zero_shot", "finetuned"}
     assert {r.get("set") for r in rows} == {None, "other"}
     md = (out / "report.md").read_text()
-    for section in ("## Iterative clicks", "NoC@90", "## Automatic masks", "## IoU-head calibration",
+    for section in ("## One point: each multimask output", "## Iterative clicks", "NoC@90", "## Automatic masks", "## IoU-head calibration",
                     "## Forgetting check", "## Worst images", "overlays/worst/"):
         assert section in md, section
     assert (out / "clicks.png").is_file() and (out / "metrics.json").is_file()

@@ -57,6 +57,7 @@ def finish_logits(
     input_size: tuple[int, int],
     original_size: tuple[int, int],
     stability_offset: float = 1.0,
+    output: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Choose one output per prompt and bring it to the original size.
 
@@ -68,11 +69,15 @@ def finish_logits(
         input_size: (h, w) of the resized image before padding.
         original_size: (H, W) of the image.
         stability_offset: Logit offset of the stability score (``SamAutomaticMaskGenerator``'s default 1.0).
+        output: Take this decoder output (0: single mask, 1-3: multimask) for every prompt instead of choosing.
 
     Returns:
         (masks N x H x W bool CPU, predicted IoU N CPU, stability N CPU, chosen low-res logits N x 1 x h x w).
     """
-    chosen, pred_iou = PromptableSam.select_output(logits, iou, multimask)
+    if output is None:
+        chosen, pred_iou = PromptableSam.select_output(logits, iou, multimask)
+    else:
+        chosen, pred_iou = logits[:, output : output + 1], iou[:, output]
     full = model.postprocess(chosen.float(), input_size, original_size)[:, 0]
     threshold = model.sam.mask_threshold
     stability = calculate_stability_score(full, threshold, stability_offset)
@@ -91,6 +96,7 @@ def decode_prompts(
     multimask: bool | None = None,
     stability_offset: float = 1.0,
     chunk: int = 32,
+    output: int | None = None,
 ) -> Iterator[PromptPrediction]:
     """Decode ``prompts`` (original-image pixels) against ``embedding`` chunk by chunk.
 
@@ -104,6 +110,7 @@ def decode_prompts(
         multimask: Output choice (default: ``MULTIMASK[mode]``).
         stability_offset: See :func:`finish_logits`.
         chunk: Prompts per decoder call.
+        output: Take this decoder output for every prompt (see :func:`finish_logits`).
     """
     if multimask is None:
         multimask = MULTIMASK[mode]
@@ -120,7 +127,7 @@ def decode_prompts(
         logits, iou = model.decode(embedding, **kwargs)
         masks, pred_iou, stability, low_res = finish_logits(
             model, logits, iou, multimask=multimask, input_size=input_size, original_size=original_size,
-            stability_offset=stability_offset,
+            stability_offset=stability_offset, output=output,
         )
         yield PromptPrediction(sl, masks, pred_iou, stability, low_res)
 

@@ -4,7 +4,9 @@ Each image is resized, normalised and padded as ``SamPredictor.set_image`` does 
 prompts of one mode are decoded in one batched call (chunked for memory); masks are post-processed back to
 the original image size and thresholded at SAM's ``mask_threshold``.
 
-Modes: ``box``, ``point1``, ``point3`` (the fixed prompts of ``prompts.json``), ``clicks`` (iterative
+Modes: ``box``, ``point1``, ``point3`` (the fixed prompts of ``prompts.json``), ``point1_oracle`` (the
+one-point prompts, each scored by the best of its three multimask outputs against the ground truth, as the SAM
+paper's "oracle": what the masks could give if the IoU head chose perfectly), ``clicks`` (iterative
 corrective clicks, :mod:`samtune.evaluation.clicks`) and ``auto`` (automatic mask generation matched to the
 ground truth, :mod:`samtune.evaluation.auto`). Every mode also records the IoU head's calibration: predicted
 against true IoU of each mask.
@@ -34,7 +36,9 @@ from samtune.utils.progress import progress
 log = logging.getLogger(__name__)
 
 PROMPT_MODES = ("box", "point1", "point3")
-MODES = (*PROMPT_MODES, "clicks", "auto")
+ORACLE_MODE = "point1_oracle"
+MODES = (*PROMPT_MODES, ORACLE_MODE, "clicks", "auto")
+MULTIMASK_OUTPUTS = (1, 2, 3)
 CHUNK = 32  # instances decoded per call (bounds memory on images with many instances)
 
 
@@ -74,6 +78,7 @@ class _Tally:
     true_iou: list[float] = field(default_factory=list)
     tp: int = 0
     n_pred: int = 0
+    outputs: list[list[float]] = field(default_factory=list)  # point1_oracle: IoU of each multimask output
 
 
 def _check_modes(modes: list[str], zoom: ZoomConfig | None, max_clicks: int) -> None:
@@ -142,7 +147,8 @@ def evaluate_model(
         image, instances = load_record(record, binary_as_one_object=binary_as_one_object)
         inst_prompts = prompts[record.rel_path]
         embedded = None
-        if inst_prompts and (zoom is None and any(m in PROMPT_MODES for m in modes) or "clicks" in modes):
+        if inst_prompts and (zoom is None and any(m in (*PROMPT_MODES, ORACLE_MODE) for m in modes)
+                             or "clicks" in modes):
             x, input_size, original_size = model.prepare_image(image)
             embedded = (model.embed(x), input_size, original_size)
         for mode in modes:
@@ -153,6 +159,9 @@ def evaluate_model(
                 continue
             elif mode == "clicks":
                 _eval_clicks(model, embedded, instances, inst_prompts, record.rel_path, name, max_clicks, tally,
+                             result.rows, save_masks)
+            elif mode == ORACLE_MODE:
+                _eval_oracle(model, embedded, image, instances, inst_prompts, zoom, record.rel_path, name, tally,
                              result.rows, save_masks)
             else:
                 kept = np.zeros(instances.shape, np.int32) if map_dir is not None and mode == map_mode else None
@@ -193,6 +202,41 @@ def _eval_prompted(model, embedded, image, instances, inst_prompts, mode, zoom, 
             rows.append(row)
             if kept is not None:
                 kept[pred.masks[j].numpy() & (kept == 0)] = int(p["instance"])
+
+
+def _eval_oracle(model, embedded, image, instances, inst_prompts, zoom, rel_path, name, tally, rows,
+                 save_masks) -> None:
+    """One-point prompts decoded once per multimask output (1-3, each all the way, zoom re-crops included);
+    each instance scored by its best output."""
+    if zoom is None:
+        embedding, input_size, original_size = embedded
+        runs = [decode_prompts(model, embedding, inst_prompts, "point1", input_size=input_size,
+                               original_size=original_size, chunk=CHUNK, output=k) for k in MULTIMASK_OUTPUTS]
+    else:
+        runs = [decode_prompts_zoomed(model, image, inst_prompts, "point1", multimask=True, cfg=zoom, output=k)
+                for k in MULTIMASK_OUTPUTS]
+    gt_all = torch.from_numpy(instances)
+    for preds in zip(*runs, strict=True):
+        chunk = inst_prompts[preds[0].index]
+        gt = torch.stack([gt_all == p["instance"] for p in chunk])
+        scored = [instance_iou_dice(pred.masks, gt) for pred in preds]
+        ious = torch.stack([iou for iou, _ in scored], dim=1)  # n x 3
+        best = ious.argmax(dim=1)
+        rows_n = torch.arange(len(chunk))
+        iou = ious[rows_n, best]
+        dice = torch.stack([d for _, d in scored], dim=1)[rows_n, best]
+        pred_iou = torch.stack([pred.pred_iou for pred in preds], dim=1)[rows_n, best]
+        tally.metric.update_values(iou, dice)
+        tally.pred_iou += pred_iou.tolist()
+        tally.true_iou += iou.tolist()
+        tally.outputs += ious.tolist()
+        for j, p in enumerate(chunk):
+            row = _row(name, ORACLE_MODE, rel_path, p["instance"], dict(p["point1"]), iou[j], dice[j], pred_iou[j])
+            row["output"] = MULTIMASK_OUTPUTS[int(best[j])]
+            row["output_ious"] = [round(float(v), 6) for v in ious[j]]
+            if save_masks:
+                row["mask_rle"] = encode_rle(preds[int(best[j])].masks[j].numpy())
+            rows.append(row)
 
 
 def _eval_clicks(model, embedded, instances, inst_prompts, rel_path, name, max_clicks, tally, rows,
@@ -250,6 +294,12 @@ def _summarize(mode: str, tally: _Tally, max_clicks: int) -> dict:
             "noc85": res["noc85"], "noc90": res["noc90"], "nof85": res["nof85"], "nof90": res["nof90"],
         }
     out = {"miou": float(res["miou"]), "dice": float(res["dice"]), "n": int(res["n"])}
+    if mode == ORACLE_MODE:
+        per_output = np.asarray(tally.outputs, dtype=float).reshape(-1, len(MULTIMASK_OUTPUTS))
+        out["output_miou"] = {str(k): (float(per_output[:, i].mean()) if len(per_output) else float("nan"))
+                              for i, k in enumerate(MULTIMASK_OUTPUTS)}
+        out["output_share"] = {str(k): (float((per_output.argmax(1) == i).mean()) if len(per_output) else float("nan"))
+                               for i, k in enumerate(MULTIMASK_OUTPUTS)}
     if mode == "auto":
         precision = tally.tp / tally.n_pred if tally.n_pred else float("nan")
         recall = tally.tp / out["n"] if out["n"] else float("nan")

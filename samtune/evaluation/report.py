@@ -115,6 +115,25 @@ def _summary_table(results: dict[str, EvalResult], gain: dict | None) -> list[st
     return lines
 
 
+def _oracle_section(results: dict[str, EvalResult]) -> list[str]:
+    names = [n for n, r in results.items() if "point1_oracle" in r.summary]
+    if not names:
+        return []
+    lines = ["## One point: each multimask output", "",
+             "mIoU of the one-point prompts when every prompt takes multimask output 1, 2 or 3; the oracle takes the "
+             "best of the three per instance (what the IoU head's choice could reach), and the share says how often "
+             "each output is that best one.", "",
+             "| model | output 1 | output 2 | output 3 | oracle | IoU head's choice | best-output share 1 / 2 / 3 |",
+             "|---|---|---|---|---|---|---|"]
+    for n in names:
+        s = results[n].summary["point1_oracle"]
+        out, share = s["output_miou"], s["output_share"]
+        chosen = _fmt(results[n].summary["point1"]["miou"]) if "point1" in results[n].summary else "-"
+        lines.append(f"| {n} | {_fmt(out['1'])} | {_fmt(out['2'])} | {_fmt(out['3'])} | {_fmt(s['miou'])} | {chosen} | "
+                     + " / ".join(f"{share[k]:.2f}" for k in ("1", "2", "3")) + " |")
+    return lines + [""]
+
+
 def _clicks_section(results: dict[str, EvalResult], plot: Path | None, run_dir: Path) -> list[str]:
     clicked = {n: r.summary["clicks"] for n, r in results.items() if "clicks" in r.summary}
     if not clicked:
@@ -324,6 +343,7 @@ def write_report(
         "predicted IoU.",
         "",
     ]
+    lines += _oracle_section(results)
     lines += _clicks_section(results, clicks_plot, run_dir)
     lines += _auto_section(results)
     lines += _calibration_section(results)

@@ -17,7 +17,7 @@ import yaml
 
 from samtune.utils.io import atomic_write_text, read_json
 
-MODES = ("box", "point1", "point3", "clicks", "auto")
+MODES = ("box", "point1", "point3", "point1_oracle", "clicks", "auto")
 
 
 @dataclass

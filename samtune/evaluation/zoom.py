@@ -113,6 +113,7 @@ def decode_prompts_zoomed(
     cfg: ZoomConfig,
     stability_offset: float = 1.0,
     chunk: int = 16,
+    output: int | None = None,
 ) -> Iterator[PromptPrediction]:
     """Like ``decode_prompts`` but each prompt is segmented in its own zoomed crop.
 
@@ -125,6 +126,7 @@ def decode_prompts_zoomed(
         cfg: Zoom settings.
         stability_offset: Logit offset of the stability score.
         chunk: Crops embedded per encoder call.
+        output: Take this decoder output for every prompt, in every round (see ``finish_logits``).
 
     Yields:
         Chunks with masks n x H x W bool at the image size (``low_res`` is None: each crop has its own frame).
@@ -134,11 +136,12 @@ def decode_prompts_zoomed(
         sl = slice(start, start + chunk)
         items = prompts[sl]
         windows = [prompt_window(_extent(p, mode), (h, w), cfg, is_box=mode == "box") for p in items]
-        masks, scores, stability = _segment_in_windows(model, image, items, windows, mode, multimask, stability_offset)
+        masks, scores, stability = _segment_in_windows(model, image, items, windows, mode, multimask,
+                                                       stability_offset, output)
         for _ in range(cfg.refine if mode != "box" else 0):
             windows = [_refined_window(p, mode, m, (h, w), cfg) for p, m in zip(items, masks, strict=True)]
             masks, scores, stability = _segment_in_windows(
-                model, image, items, windows, mode, multimask, stability_offset)
+                model, image, items, windows, mode, multimask, stability_offset, output)
         yield PromptPrediction(sl, masks, scores, stability, None)
 
 
@@ -150,6 +153,7 @@ def _segment_in_windows(
     mode: str,
     multimask: bool,
     stability_offset: float,
+    output: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Segment each prompt in its window; masks pasted back at the image size, predicted IoU, stability."""
     h, w = image.shape[:2]
@@ -174,7 +178,7 @@ def _segment_in_windows(
         logits, iou = model.decode(embeddings[i : i + 1], **kwargs)
         crop_mask, pred_iou, stab, _ = finish_logits(
             model, logits, iou, multimask=multimask, input_size=in_size, original_size=crop_size,
-            stability_offset=stability_offset,
+            stability_offset=stability_offset, output=output,
         )
         masks[i, y0:y1, x0:x1] = crop_mask[0]
         scores[i] = float(pred_iou[0])

@@ -204,7 +204,7 @@ def test_mode_errors():
 
 
 def test_full_mode_param_groups_layer_decay_and_no_weight_decay():
-    module = make_module("full", train_prompt_encoder=True, encoder_lr_mult=0.5, layer_decay=0.8)
+    module = make_module("full", train_prompt_encoder=True, encoder_lr_mult=0.5, layer_decay=0.8, iou_head_lr_mult=3.0)
     optimizer = module.configure_optimizers()
     by_param = {}
     for group in optimizer.param_groups:
@@ -221,6 +221,8 @@ def test_full_mode_param_groups_layer_decay_and_no_weight_decay():
             expected = LR * 0.5 * 0.8 ** (DEPTH + 1)
         elif name.startswith("image_encoder.neck"):
             expected = LR * 0.5 * 0.8
+        elif name.startswith("mask_decoder.iou_prediction_head."):
+            expected = LR * 3.0
         else:
             expected = LR
         assert math.isclose(group["lr"], expected, rel_tol=1e-9), name
@@ -233,8 +235,11 @@ def test_full_mode_param_groups_layer_decay_and_no_weight_decay():
 def test_decoder_only_optimizer_holds_only_the_decoder():
     optimizer = make_module("decoder_only").configure_optimizers()
     names = {g["name"] for g in optimizer.param_groups}
-    assert names == {"mask_decoder", "mask_decoder.no_wd"}
+    assert names == {"mask_decoder", "mask_decoder.no_wd", "mask_decoder.iou_prediction_head",
+                     "mask_decoder.iou_prediction_head.no_wd"}
     assert all(g["lr"] == LR for g in optimizer.param_groups)
+    with pytest.raises(ValueError, match="finetune.iou_head_lr_mult must be > 0"):
+        make_module("decoder_only", iou_head_lr_mult=0).configure_optimizers()
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

@@ -65,6 +65,7 @@ class SamTuneModule(L.LightningModule):
         lora: ``finetune.lora`` settings (:class:`samtune.model.lora.LoraSettings` fields), for ``lora``.
         encoder_lr_mult: Factor on the image encoder's learning rate.
         layer_decay: Layer-wise learning-rate decay over the ViT blocks (1: none).
+        iou_head_lr_mult: Factor on the learning rate of the mask decoder's IoU head.
         gradient_checkpointing: Recompute encoder block activations in backward (``lora``/``full``).
         only: Train only the parameters, among those the mode trains, whose :class:`Sam` names start with
             one of these prefixes (``finetune.only``, e.g. ``[mask_decoder.iou_prediction_head]`` to
@@ -98,6 +99,7 @@ class SamTuneModule(L.LightningModule):
         lora: Mapping | None = None,
         encoder_lr_mult: float = 1.0,
         layer_decay: float = 1.0,
+        iou_head_lr_mult: float = 1.0,
         gradient_checkpointing: bool = False,
         only: Sequence[str] | None = None,
         reinit: Sequence[str] | None = None,
@@ -128,6 +130,7 @@ class SamTuneModule(L.LightningModule):
         self.mode = mode
         self.seed = seed
         self.encoder_lr_mult, self.layer_decay = float(encoder_lr_mult), float(layer_decay)
+        self.iou_head_lr_mult = float(iou_head_lr_mult)
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.embedding_cache = embedding_cache
         sam = model.sam
@@ -392,6 +395,7 @@ class SamTuneModule(L.LightningModule):
         groups = build_param_groups(
             self.model.sam.named_parameters(), depth=len(self.model.sam.image_encoder.blocks),
             encoder_lr_mult=self.encoder_lr_mult, layer_decay=self.layer_decay,
+            iou_head_lr_mult=self.iou_head_lr_mult,
         )
         optimizer = self.optimizer_factory(params=groups)
         apply_lr_scales(optimizer)

@@ -4,7 +4,7 @@ on norms, biases and position embeddings.
 Learning rate of each trainable parameter, with ``base_lr`` the optimizer's ``lr`` and ``depth`` the
 number of ViT blocks (blocks numbered from 0):
 
-* prompt encoder and mask decoder: ``base_lr``;
+* prompt encoder and mask decoder: ``base_lr``, the mask decoder's IoU head ``base_lr * iou_head_lr_mult``;
 * image encoder block ``i``: ``base_lr * encoder_lr_mult * layer_decay ** (depth - i)``;
 * patch embedding and absolute position embedding (below block 0): ``... * layer_decay ** (depth + 1)``;
 * neck (after the last block): like the last block, ``... * layer_decay ** 1``.
@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 
 ENCODER = "image_encoder."
+IOU_HEAD = "mask_decoder.iou_prediction_head."
 NO_DECAY_NAMES = ("pos_embed", "rel_pos_h", "rel_pos_w")
 
 
@@ -35,11 +36,12 @@ def encoder_layer(name: str, depth: int) -> int | None:
     return 1
 
 
-def lr_scale(name: str, *, depth: int, encoder_lr_mult: float = 1.0, layer_decay: float = 1.0) -> float:
+def lr_scale(name: str, *, depth: int, encoder_lr_mult: float = 1.0, layer_decay: float = 1.0,
+             iou_head_lr_mult: float = 1.0) -> float:
     """Factor on the base learning rate of the parameter called ``name`` (a :class:`Sam` parameter name)."""
     layer = encoder_layer(name, depth)
     if layer is None:
-        return 1.0
+        return iou_head_lr_mult if name.startswith(IOU_HEAD) else 1.0
     return encoder_lr_mult * layer_decay**layer
 
 
@@ -53,7 +55,7 @@ def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
 def _group_name(name: str, depth: int) -> str:
     layer = encoder_layer(name, depth)
     if layer is None:
-        return name.split(".")[0]
+        return IOU_HEAD[:-1] if name.startswith(IOU_HEAD) else name.split(".")[0]
     rest = name[len(ENCODER):]
     if rest.startswith("blocks."):
         return f"image_encoder.block{rest.split('.')[1]}"
@@ -119,6 +121,7 @@ def build_param_groups(
     depth: int,
     encoder_lr_mult: float = 1.0,
     layer_decay: float = 1.0,
+    iou_head_lr_mult: float = 1.0,
 ) -> list[dict]:
     """Group the trainable parameters of a :class:`Sam` by learning-rate factor and weight decay.
 
@@ -128,6 +131,7 @@ def build_param_groups(
         depth: Number of ViT blocks of the image encoder.
         encoder_lr_mult: Factor on the image encoder's learning rate (``finetune.encoder_lr_mult``).
         layer_decay: Layer-wise decay per block below the top (``finetune.layer_decay``), in (0, 1].
+        iou_head_lr_mult: Factor on the learning rate of the mask decoder's IoU head (``finetune.iou_head_lr_mult``).
 
     Returns:
         Param groups for a ``torch.optim`` optimizer, each with ``params``, ``name`` and
@@ -139,6 +143,8 @@ def build_param_groups(
         raise ValueError(f"finetune.encoder_lr_mult must be >= 0, got {encoder_lr_mult}")
     if not 0 < layer_decay <= 1:
         raise ValueError(f"finetune.layer_decay must be in (0, 1], got {layer_decay}")
+    if not iou_head_lr_mult > 0:
+        raise ValueError(f"finetune.iou_head_lr_mult must be > 0, got {iou_head_lr_mult}")
     groups: dict[tuple[str, bool], dict] = {}
     for name, param in named_parameters:
         if not param.requires_grad:
@@ -146,7 +152,8 @@ def build_param_groups(
         decay = uses_weight_decay(name, param)
         key = (_group_name(name, depth), decay)
         if key not in groups:
-            scale = lr_scale(name, depth=depth, encoder_lr_mult=encoder_lr_mult, layer_decay=layer_decay)
+            scale = lr_scale(name, depth=depth, encoder_lr_mult=encoder_lr_mult, layer_decay=layer_decay,
+                             iou_head_lr_mult=iou_head_lr_mult)
             groups[key] = {"params": [], "name": key[0] if decay else f"{key[0]}.no_wd", "lr_scale": scale}
             if not decay:
                 groups[key]["weight_decay"] = 0.0

@@ -235,9 +235,12 @@ def test_full_mode_param_groups_layer_decay_and_no_weight_decay():
 def test_decoder_only_optimizer_holds_only_the_decoder():
     optimizer = make_module("decoder_only").configure_optimizers()
     names = {g["name"] for g in optimizer.param_groups}
-    assert names == {"mask_decoder", "mask_decoder.no_wd", "mask_decoder.iou_prediction_head",
-                     "mask_decoder.iou_prediction_head.no_wd"}
+    assert names == {"mask_decoder", "mask_decoder.no_wd"}  # the layout runs saved before resume from
     assert all(g["lr"] == LR for g in optimizer.param_groups)
+    optimizer = make_module("decoder_only", iou_head_lr_mult=10.0).configure_optimizers()
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == {"mask_decoder": LR, "mask_decoder.no_wd": LR, "mask_decoder.iou_prediction_head": 10 * LR,
+                   "mask_decoder.iou_prediction_head.no_wd": 10 * LR}
     with pytest.raises(ValueError, match="finetune.iou_head_lr_mult must be > 0"):
         make_module("decoder_only", iou_head_lr_mult=0).configure_optimizers()
 

@@ -52,10 +52,10 @@ def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
     return not any(part in NO_DECAY_NAMES for part in name.split("."))
 
 
-def _group_name(name: str, depth: int) -> str:
+def _group_name(name: str, depth: int, own_iou_head: bool = False) -> str:
     layer = encoder_layer(name, depth)
     if layer is None:
-        return IOU_HEAD[:-1] if name.startswith(IOU_HEAD) else name.split(".")[0]
+        return IOU_HEAD[:-1] if own_iou_head and name.startswith(IOU_HEAD) else name.split(".")[0]
     rest = name[len(ENCODER):]
     if rest.startswith("blocks."):
         return f"image_encoder.block{rest.split('.')[1]}"
@@ -150,7 +150,9 @@ def build_param_groups(
         if not param.requires_grad:
             continue
         decay = uses_weight_decay(name, param)
-        key = (_group_name(name, depth), decay)
+        # the IoU head gets groups of its own only when its rate differs: the same groups as before otherwise, so
+        # that runs saved without the option resume (an optimizer state must match the group layout)
+        key = (_group_name(name, depth, own_iou_head=iou_head_lr_mult != 1.0), decay)
         if key not in groups:
             scale = lr_scale(name, depth=depth, encoder_lr_mult=encoder_lr_mult, layer_decay=layer_decay,
                              iou_head_lr_mult=iou_head_lr_mult)

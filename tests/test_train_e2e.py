@@ -133,6 +133,13 @@ def test_last_checkpoint_holds_the_final_step_between_save_points(tmp_path):
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 3
     run([*args, "trainer.max_steps=4", "resume=true"])
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    # experiment=pcb trains the IoU head at 10x (groups of its own): a resume at 1x would not fit the saved optimizer
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    refused = subprocess.run([*args, "trainer.max_steps=5", "resume=true", "finetune.iou_head_lr_mult=1"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0
+    assert "saved with finetune.iou_head_lr_mult != 1, this run uses 1" in refused.stdout + refused.stderr
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
     snapshots = sorted((run_dir / "checkpoints" / "snapshots").glob("*.ckpt"))
     assert [p.name for p in snapshots] == ["step_000002.ckpt", "step_000003.ckpt", "step_000004.ckpt"]
     _, averaged = export_state_dict(snapshots[1:], tmp_path / "avg.pth")

@@ -391,12 +391,15 @@ class SamTuneModule(L.LightningModule):
         self.log("val/miou", (values["box"] + values["point1"]) / 2, prog_bar=True)
 
     # ------------------------------------------------------------------ optimisation
-    def configure_optimizers(self):
-        groups = build_param_groups(
+    def _param_groups(self) -> list[dict]:
+        return build_param_groups(
             self.model.sam.named_parameters(), depth=len(self.model.sam.image_encoder.blocks),
             encoder_lr_mult=self.encoder_lr_mult, layer_decay=self.layer_decay,
             iou_head_lr_mult=self.iou_head_lr_mult,
         )
+
+    def configure_optimizers(self):
+        groups = self._param_groups()
         optimizer = self.optimizer_factory(params=groups)
         apply_lr_scales(optimizer)
         if self.scheduler_factory is None:
@@ -438,17 +441,52 @@ class SamTuneModule(L.LightningModule):
             state.pop(key, None)
         checkpoint[META_KEY] = self.checkpoint_record()
 
+    def check_optimizer_layout(self, checkpoint: dict) -> None:
+        """Refuse to resume an optimizer state whose parameter groups this run's settings would not make.
+
+        PyTorch would only say that the group sizes differ; this names the groups and the settings behind them.
+
+        Raises:
+            ValueError: the checkpoint's optimizer groups differ from this run's.
+        """
+        states = checkpoint.get("optimizer_states") or []
+        if not states:
+            return
+        saved = [g.get("name") for g in states[0].get("param_groups", [])]
+        if not saved or None in saved:  # groups without names: nothing to compare by
+            return
+        here = [g["name"] for g in self._param_groups()]
+        if saved == here:
+            return
+        hint = ""
+        head = "mask_decoder.iou_prediction_head"
+        if (head in saved) != (head in here):
+            was = "!= 1" if head in saved else "= 1"
+            hint = (f" The IoU head has groups of its own only when finetune.iou_head_lr_mult != 1: the checkpoint was "
+                    f"saved with finetune.iou_head_lr_mult {was}, this run uses {self.iou_head_lr_mult:g} (experiment=pcb "
+                    "and medical set 10); resume with the value it was saved with.")
+        raise ValueError(
+            "cannot resume the optimizer state: its parameter groups are not the ones this run's settings make "
+            f"(only in the checkpoint: {sorted(set(saved) - set(here))}; only in this run: "
+            f"{sorted(set(here) - set(saved))}; they follow finetune.mode, finetune.only, finetune.encoder_lr_mult, "
+            f"finetune.layer_decay and finetune.iou_head_lr_mult).{hint}"
+        )
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Complete a checkpoint that leaves frozen weights out with the live model's frozen weights.
 
         Raises:
-            ValueError: the checkpoint was trained in another mode, lacks trained weights, or its
-                frozen weights came from a different base than this run's ``model.checkpoint``.
+            ValueError: the checkpoint was trained in another mode, lacks trained weights, its
+                frozen weights came from a different base than this run's ``model.checkpoint``, or (when
+                resuming) its optimizer state has other parameter groups than this run's settings make.
         """
         meta = checkpoint.get(META_KEY) or {}
         saved_mode = (meta.get("finetune") or {}).get("mode")
         if saved_mode and saved_mode != self.mode:
             raise ValueError(f"the checkpoint was trained with finetune={saved_mode}, this run uses finetune={self.mode}")
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.state.fn == "fit":  # resuming: the optimizer state comes next
+            self.check_optimizer_layout(checkpoint)
         state = checkpoint["state_dict"]
         own = self.state_dict()
         frozen = self.frozen_state_keys()

@@ -276,7 +276,17 @@ def start_run(cfg: DictConfig, *, allow_resume: bool = True) -> tuple[Path, Path
             log.info("Resuming in %s from %s", run_dir, resume_ckpt)
             atomic_write_text(Path(cfg.paths.output_dir) / "RESUMED_INTO.txt", f"{run_dir}\n")
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    resolved = run_dir / "config_resolved.yaml"
+    if is_global_zero():  # DDP ranks started together (torchrun, srun) leave the run's record to rank 0
+        if resume_ckpt is not None and resolved.exists() and resolved.read_text() != text:
+            # a resume with other settings (a later trainer.max_steps, ...) keeps the record of the earlier ones
+            k = 1
+            while (run_dir / f"config_resolved.{k}.yaml").exists():
+                k += 1
+            resolved.replace(run_dir / f"config_resolved.{k}.yaml")
+            log.info("The run's earlier resolved config is kept as %s", run_dir / f"config_resolved.{k}.yaml")
+        atomic_write_text(resolved, text)
     L.seed_everything(int(cfg.seed), workers=True)
     return run_dir, resume_ckpt
 

@@ -138,8 +138,12 @@ def test_last_checkpoint_holds_the_final_step_between_save_points(tmp_path):
     refused = subprocess.run([*args, "trainer.max_steps=5", "resume=true", "finetune.iou_head_lr_mult=1"], cwd=ROOT,
                              capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode != 0
-    assert "saved with finetune.iou_head_lr_mult != 1, this run uses 1" in refused.stdout + refused.stderr
+    assert "saved with finetune.iou_head_lr_mult=10, this run uses 1" in refused.stdout + refused.stderr
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    # each resume with other settings kept the resolved config it replaced
+    kept = [(run_dir / f"config_resolved.{k}.yaml").read_text() for k in (1, 2)]
+    assert "max_steps: 3" in kept[0] and "max_steps: 4" in kept[1] and "iou_head_lr_mult: 10.0" in kept[1]
+    assert "max_steps: 5" in (run_dir / "config_resolved.yaml").read_text()
     snapshots = sorted((run_dir / "checkpoints" / "snapshots").glob("*.ckpt"))
     assert [p.name for p in snapshots] == ["step_000002.ckpt", "step_000003.ckpt", "step_000004.ckpt"]
     _, averaged = export_state_dict(snapshots[1:], tmp_path / "avg.pth")

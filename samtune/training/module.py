@@ -461,10 +461,14 @@ class SamTuneModule(L.LightningModule):
         hint = ""
         head = "mask_decoder.iou_prediction_head"
         if (head in saved) != (head in here):
-            was = "!= 1" if head in saved else "= 1"
+            was = "1"
+            if head in saved:  # the head's rate over the decoder's (both groups keep their lr_scale)
+                scales = {g.get("name"): g.get("lr_scale") for g in states[0]["param_groups"]}
+                ratio = (scales.get(head) or 0) / (scales.get("mask_decoder") or float("nan"))
+                was = f"{ratio:g}" if ratio == ratio else "a value other than 1"
             hint = (f" The IoU head has groups of its own only when finetune.iou_head_lr_mult != 1: the checkpoint was "
-                    f"saved with finetune.iou_head_lr_mult {was}, this run uses {self.iou_head_lr_mult:g} (experiment=pcb "
-                    "and medical set 10); resume with the value it was saved with.")
+                    f"saved with finetune.iou_head_lr_mult={was}, this run uses {self.iou_head_lr_mult:g} "
+                    f"(experiment=pcb and medical set 10): resume with finetune.iou_head_lr_mult={was}.")
         raise ValueError(
             "cannot resume the optimizer state: its parameter groups are not the ones this run's settings make "
             f"(only in the checkpoint: {sorted(set(saved) - set(here))}; only in this run: "

@@ -282,10 +282,10 @@ def start_run(cfg: DictConfig, *, allow_resume: bool = True) -> tuple[Path, Path
         if resume_ckpt is not None and resolved.exists() and resolved.read_text() != text:
             # a resume with other settings (a later trainer.max_steps, ...) keeps the record of the earlier ones
             k = 1
-            while (run_dir / f"config_resolved.{k}.yaml").exists():
+            while (kept := run_dir / f"config_resolved.{k}.yaml").exists():
                 k += 1
-            resolved.replace(run_dir / f"config_resolved.{k}.yaml")
-            log.info("The run's earlier resolved config is kept as %s", run_dir / f"config_resolved.{k}.yaml")
+            resolved.replace(kept)
+            log.info("The run's earlier resolved config is kept as %s", kept)
         atomic_write_text(resolved, text)
     L.seed_everything(int(cfg.seed), workers=True)
     return run_dir, resume_ckpt

@@ -24,6 +24,7 @@ from samtune.model.promptable_sam import PromptableSam
 from samtune.model.training_checkpoint import META_FORMAT, META_KEY, fingerprint, fingerprint_mismatches
 from samtune.prompts import PromptGroup, PromptSimulator, center_points, masks_to_boxes
 from samtune.training.param_groups import (
+    IOU_HEAD_GROUP,
     apply_lr_scales,
     build_param_groups,
     reinitialise,
@@ -459,7 +460,7 @@ class SamTuneModule(L.LightningModule):
         if saved == here:
             return
         hint = ""
-        head = "mask_decoder.iou_prediction_head"
+        head = IOU_HEAD_GROUP
         if (head in saved) != (head in here):
             was = "1"
             if head in saved:  # the head's rate over the decoder's (both groups keep their lr_scale)
@@ -467,8 +468,8 @@ class SamTuneModule(L.LightningModule):
                 ratio = (scales.get(head) or 0) / (scales.get("mask_decoder") or float("nan"))
                 was = f"{ratio:g}" if ratio == ratio else "a value other than 1"
             hint = (f" The IoU head has groups of its own only when finetune.iou_head_lr_mult != 1: the checkpoint was "
-                    f"saved with finetune.iou_head_lr_mult={was}, this run uses {self.iou_head_lr_mult:g} "
-                    f"(experiment=pcb and medical set 10): resume with finetune.iou_head_lr_mult={was}.")
+                    f"saved with finetune.iou_head_lr_mult={was}, this run uses {self.iou_head_lr_mult:g} instead: "
+                    f"resume with finetune.iou_head_lr_mult={was}.")
         raise ValueError(
             "cannot resume the optimizer state: its parameter groups are not the ones this run's settings make "
             f"(only in the checkpoint: {sorted(set(saved) - set(here))}; only in this run: "

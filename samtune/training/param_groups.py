@@ -21,6 +21,7 @@ import torch
 
 ENCODER = "image_encoder."
 IOU_HEAD = "mask_decoder.iou_prediction_head."
+IOU_HEAD_GROUP = IOU_HEAD[:-1]  # its param groups' name (with ".no_wd" for those without weight decay)
 NO_DECAY_NAMES = ("pos_embed", "rel_pos_h", "rel_pos_w")
 
 
@@ -55,7 +56,7 @@ def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
 def _group_name(name: str, depth: int, own_iou_head: bool = False) -> str:
     layer = encoder_layer(name, depth)
     if layer is None:
-        return IOU_HEAD[:-1] if own_iou_head and name.startswith(IOU_HEAD) else name.split(".")[0]
+        return IOU_HEAD_GROUP if own_iou_head and name.startswith(IOU_HEAD) else name.split(".")[0]
     rest = name[len(ENCODER):]
     if rest.startswith("blocks."):
         return f"image_encoder.block{rest.split('.')[1]}"

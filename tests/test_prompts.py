@@ -175,6 +175,35 @@ def test_center_point_is_farthest_from_boundary(seed):
         assert (y * W + x) == int(np.argmax(dist))  # ties: lowest row-major index
 
 
+def test_center_point_tie_survives_last_bit_noise(monkeypatch):
+    """OpenCV's exact transform rounds the last bit of a distance differently from call to call; a tie must
+    still go to the lowest row-major pixel, or the same mask gets another prompt in another run."""
+    import cv2
+
+    region = np.zeros((40, 60), dtype=bool)
+    region[5:18, 4:17] = True  # two equal squares: their centres tie
+    region[20:33, 40:53] = True
+    real = cv2.distanceTransform
+
+    def noisy(src, *args):
+        dist = real(src, *args)
+        ys, xs = np.nonzero(dist == dist.max())
+        y, x = ys[-1], xs[-1]  # the later tie comes out one float32 step larger
+        dist[y, x] = np.nextafter(dist[y, x], np.float32(np.inf))
+        return dist
+
+    monkeypatch.setattr(cv2, "distanceTransform", noisy)
+    assert center_points(torch.from_numpy(region)[None]).tolist() == [[[10.0, 11.0]]]
+
+
+def test_center_point_of_a_large_region_is_exact():
+    # past the distance where float32 squares stay exact, SciPy's transform decides; ties still go first
+    region = np.ones((1100, 1104), dtype=bool)
+    (x, y), = center_points(torch.from_numpy(region)[None])[:, 0].tolist()
+    dist = padded_edt(region)
+    assert dist[int(y), int(x)] == dist.max() and int(y) * 1104 + int(x) == int(np.argmax(dist))
+
+
 def test_center_point_of_empty_mask_is_image_centre():
     assert center_points(torch.zeros(1, 9, 14, dtype=torch.bool)).tolist() == [[[7.0, 4.0]]]
 

@@ -21,7 +21,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
+from scipy import ndimage
 from segment_anything.utils.amg import batched_mask_to_box
+
+# Below this distance (px) a float32 distance squared and rounded is the exact integer it stands for.
+_EXACT_BELOW = 512.0
 
 
 def _check_masks(masks: torch.Tensor, name: str = "masks") -> None:
@@ -107,6 +111,13 @@ def _farthest_from_boundary(region: np.ndarray) -> tuple[int, int] | None:
     (so the image edge counts as boundary); ties go to the lowest row-major index. Only the
     region's bounding box (plus the border) is transformed, which gives the same distances.
 
+    OpenCV's exact transform returns float32 square roots whose last bit varies from call to call
+    (its vectorised and scalar paths round differently, depending on the buffer's alignment), so two
+    pixels at the same distance can come out unequal and the tie go either way: the same mask then
+    got a different prompt in another run. Squared distances are integers, so the comparison is made on
+    them, rounded (exact while the distance is below ``_EXACT_BELOW`` px; beyond, SciPy's transform,
+    slower but exact, decides).
+
     Args:
         region: H x W bool numpy array.
     """
@@ -116,7 +127,11 @@ def _farthest_from_boundary(region: np.ndarray) -> tuple[int, int] | None:
     r0, r1, c0, c1 = rows[0], rows[-1], cols[0], cols[-1]
     crop = np.pad(region[r0 : r1 + 1, c0 : c1 + 1].astype(np.uint8), 1)
     dist = cv2.distanceTransform(crop, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    if float(dist.max()) < _EXACT_BELOW:
+        key = np.rint(np.square(dist, dtype=np.float64))
+    else:
+        key = ndimage.distance_transform_edt(crop)
+    y, x = np.unravel_index(int(np.argmax(key)), key.shape)
     return int(c0 + x - 1), int(r0 + y - 1)
 
 

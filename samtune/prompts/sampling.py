@@ -111,10 +111,9 @@ def _farthest_from_boundary(region: np.ndarray) -> tuple[int, int] | None:
     (so the image edge counts as boundary); ties go to the lowest row-major index. Only the
     region's bounding box (plus the border) is transformed, which gives the same distances.
 
-    OpenCV's exact transform returns float32 square roots whose last bit varies from call to call
-    (its vectorised and scalar paths round differently, depending on the buffer's alignment), so two
-    pixels at the same distance can come out unequal and the tie go either way: the same mask then
-    got a different prompt in another run. Squared distances are integers, so the comparison is made on
+    OpenCV's exact transform returns float32 square roots whose last bit can vary from call to call
+    (seen with OpenCV 5.1, one thread or two), so two pixels at the same distance can come out unequal
+    and the tie go either way: the same mask then got a different prompt in another run. Squared distances are integers, so the comparison is made on
     them, rounded (exact while the distance is below ``_EXACT_BELOW`` px; beyond, SciPy's transform,
     slower but exact, decides).
 

@@ -146,3 +146,20 @@ def test_generated_dataset_folders_get_ordinary_permissions(tmp_path):
     out = ensure_scenes_dataset(tmp_path / "scenes", n_train=1, n_val=0, n_test=0)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
     assert stat.S_IMODE((out / "DONE.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_parallel_rendering_writes_the_same_bytes(tmp_path, monkeypatch):
+    from samtune.data.synthetic_common import generation_workers, write_dataset
+    from samtune.data.synthetic_scenes import GENERATOR, VERSION, render_scene
+
+    counts = {"train": 5, "val": 1, "test": 2}
+    kwargs = {"generator": GENERATOR, "version": VERSION, "counts": counts, "seed": 3, "options": {"soft_edges": 0.5}}
+    one = write_dataset(tmp_path / "one", render_scene, workers=1, **kwargs)
+    two = write_dataset(tmp_path / "two", render_scene, workers=2, **kwargs)
+    assert _files(one) == _files(two)  # the manifest's stats too
+    assert generation_workers(100) == 1
+    monkeypatch.setenv("SAMTUNE_GENERATE_WORKERS", "3")
+    assert generation_workers(100) == 3
+    monkeypatch.setenv("SAMTUNE_GENERATE_WORKERS", "zero")
+    with pytest.raises(ValueError, match="SAMTUNE_GENERATE_WORKERS"):
+        generation_workers(1000)

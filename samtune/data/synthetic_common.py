@@ -207,38 +207,79 @@ def write_generated(out_dir: str | Path, write: Callable[[Path], dict], *, gener
     return out_dir
 
 
+def _render_one(render: Renderer, seed: int, split_index: int, index: int, options: dict[str, Any],
+                images: Path, masks: Path, name: str) -> int:
+    """Render image ``index`` of a split and write its two PNGs; returns its number of instances."""
+    image, instances = render(np.random.default_rng([seed, split_index, index]), **options)
+    Image.fromarray(image).save(images / name, format="PNG")
+    Image.fromarray(instances.astype(np.uint16)).save(masks / name, format="PNG")
+    return int(instances.max())
+
+
+def generation_workers(total: int) -> int:
+    """Processes that render a dataset of ``total`` images: ``SAMTUNE_GENERATE_WORKERS`` if set, else one per
+    usable CPU (at most 16), and 1 below 256 images (where starting processes costs more than it saves)."""
+    env = os.environ.get("SAMTUNE_GENERATE_WORKERS")
+    if env is not None:
+        try:
+            workers = int(env)
+        except ValueError:
+            workers = 0
+        if workers < 1:
+            raise ValueError(f"SAMTUNE_GENERATE_WORKERS must be a positive integer, got {env!r}")
+        return workers
+    if total < 256:
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cpus, 16))
+
+
 def write_dataset(out_dir: str | Path, render: Renderer, *, generator: str, version: int,
-                  counts: dict[str, int], seed: int, options: dict[str, Any] | None = None) -> Path:
+                  counts: dict[str, int], seed: int, options: dict[str, Any] | None = None,
+                  workers: int | None = None) -> Path:
     """Generate a dataset in the ``folder`` layout, atomically (see :func:`write_generated`).
 
     Writes ``{split}/images/<split>_<i>.png`` (RGB) and ``{split}/masks/<split>_<i>.png``
-    (uint16 instance ids) and ``DONE.json``.
+    (uint16 instance ids) and ``DONE.json``. Every image has its own RNG, so the files are the same whatever
+    the number of ``workers``.
 
     Args:
         out_dir: Dataset folder.
-        render: ``rng -> (image HxWx3 uint8, instances HxW int32)``.
+        render: ``rng -> (image HxWx3 uint8, instances HxW int32)``, a module-level function (it is sent to
+            worker processes).
         generator: Generator name recorded in the manifest.
         version: Generator version (bump when the output changes).
         counts: Images per split.
         seed: Base seed; image ``i`` of split ``s`` uses ``default_rng([seed, s, i])``.
         options: Keyword arguments of ``render`` beyond the RNG (recorded in the manifest).
+        workers: Rendering processes; ``None``: :func:`generation_workers`.
 
     Returns:
         ``out_dir``.
     """
+    opts = dict(options or {})
+    n_workers = generation_workers(sum(counts.values())) if workers is None else int(workers)
+
     def write(tmp: Path) -> dict:
-        stats: dict[str, dict[str, int]] = {}
+        jobs = []
         for split_index, (split, count) in enumerate(counts.items()):
-            (tmp / split / "images").mkdir(parents=True)
-            (tmp / split / "masks").mkdir(parents=True)
-            total = 0
-            for i in range(count):
-                image, instances = render(np.random.default_rng([seed, split_index, i]), **(options or {}))
-                name = f"{split}_{i:04d}.png"
-                Image.fromarray(image).save(tmp / split / "images" / name, format="PNG")
-                Image.fromarray(instances.astype(np.uint16)).save(tmp / split / "masks" / name, format="PNG")
-                total += int(instances.max())
-            stats[split] = {"images": count, "instances": total}
+            images, masks = tmp / split / "images", tmp / split / "masks"
+            images.mkdir(parents=True)
+            masks.mkdir(parents=True)
+            jobs += [(split, (render, seed, split_index, i, opts, images, masks, f"{split}_{i:04d}.png"))
+                     for i in range(count)]
+        if n_workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn, not fork: the parent may hold OpenMP / torch thread pools that a forked child cannot use
+            with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                totals = list(pool.map(_render_one, *zip(*(args for _, args in jobs)), chunksize=16))
+        else:
+            totals = [_render_one(*args) for _, args in jobs]
+        stats = {split: {"images": count, "instances": 0} for split, count in counts.items()}
+        for (split, _), total in zip(jobs, totals):
+            stats[split]["instances"] += total
         return stats
 
     return write_generated(out_dir, write, generator=generator, version=version, counts=counts, seed=seed,

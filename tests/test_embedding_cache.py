@@ -59,6 +59,20 @@ def test_get_or_compute_stores_once_and_reads_back_the_same_numbers(tmp_path):
     assert torch.equal(again.get_or_compute(key, lambda: pytest.fail("recomputed")), first)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_embed_batch_under_bf16_autocast_mixes_hits_and_misses(tmp_path, autocast):
+    # a GPU run's training step runs under bf16 autocast; float16 entries must not reach torch.stack there
+    cache = make_cache(tmp_path)
+    keys = [image_content_key(np.full((8, 8, 3), v, np.uint8)) for v in (1, 2, 1)]
+    images = torch.zeros(3, 3, 4, 4)
+    cache.get_or_compute(keys[0], lambda: random_embedding(cache, 1))  # a hit among misses
+    encode = lambda x: torch.randn(len(x), *cache.expected_shape)  # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = cache.embed_batch(keys, images, encode)
+    assert out.dtype == torch.float32 and out.shape == (3, *cache.expected_shape)
+    assert torch.equal(out[0], out[2]) and torch.equal(out[0], random_embedding(cache, 1)[0].half().float())
+
+
 def test_changed_weights_image_preprocessing_or_precision_never_reuse_an_entry(tmp_path):
     base = make_cache(tmp_path)
     others = [make_cache(tmp_path, seed=1), make_cache(tmp_path, img_size=128),

@@ -262,7 +262,8 @@ class EmbeddingCache:
                 self.store(key, embedding)
             out = [by_key[k] if emb is None else emb for k, emb in zip(keys, out)]
             self.computed += len(rows)
-        return torch.stack([emb.to(images.device) for emb in out]).to(torch.float32)
+        # float32 before stacking: under bf16 autocast, torch.stack refuses float16 inputs
+        return torch.stack([emb.to(images.device, torch.float32) for emb in out])
 
     def stats(self) -> dict[str, int]:
         """``{"hits", "computed", "corrupt"}`` since construction."""

@@ -128,6 +128,17 @@ def test_skip_invalid_skips_and_reports(tmp_path):
     assert "mask is 5x5" in files["train/masks/size.png"]
 
 
+def test_many_items_are_checked_in_threads_and_reported_in_order(tmp_path):
+    for i in range(70):  # enough for several loader threads
+        _pair(tmp_path, "train", f"p{i:02d}")
+    for bad in ("p05", "p41"):
+        (tmp_path / "train" / "images" / f"{bad}.png").write_text("x")
+    with pytest.warns(UserWarning, match="skipped 2 invalid items"):
+        records, skipped = scan_folder(tmp_path, "train", skip_invalid=True)
+    assert [r.rel_path for r in records] == [f"train/images/p{i:02d}.png" for i in range(70) if i not in (5, 41)]
+    assert [item["file"] for item in skipped] == ["train/images/p05.png", "train/images/p41.png"]
+
+
 def test_skip_invalid_still_raises_structural(tmp_path):
     with pytest.raises(DataError, match="not found"):
         scan_folder(tmp_path, "train", skip_invalid=True)

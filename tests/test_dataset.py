@@ -166,3 +166,45 @@ def test_workers_draw_different_random_numbers(tmp_path):
     loader = DataLoader(ds, batch_size=1, num_workers=2, collate_fn=collate_instances)
     first, second = (batch["masks"][0] for batch in loader)
     assert not torch.equal(first, second)
+
+
+class _CvThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        import cv2
+
+        return cv2.getNumThreads()
+
+
+def test_loader_workers_run_opencv_single_threaded(tmp_path):
+    from samtune.training.datamodule import SamDataModule, loader_worker_init
+
+    records = [_record(tmp_path, f"c{k}", _grid_instances(2)) for k in range(2)]
+    dm = SamDataModule(records, records, img_size=S, num_workers=1)
+    loader = dm.train_dataloader()
+    assert loader.worker_init_fn is loader_worker_init and loader.num_workers == 1
+    assert SamDataModule(records, [], img_size=S).train_dataloader().worker_init_fn is None  # no workers
+    seen = list(DataLoader(_CvThreads(), batch_size=None, num_workers=1, worker_init_fn=loader_worker_init))
+    assert seen == [1, 1]  # setNumThreads(0): OpenCV's own code runs sequentially in the worker
+
+
+def test_importing_samtune_does_not_ask_pypi_for_albumentations_updates():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import socket\n"
+        "calls = []\n"
+        "def lookup(*a, **k):\n"
+        "    calls.append(a)\n"
+        "    raise OSError('offline')\n"
+        "socket.getaddrinfo = lookup\n"
+        "import samtune.data.transforms\n"
+        "print(len(calls))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import lightning as L
 from torch.utils.data import DataLoader
 
@@ -9,6 +10,12 @@ from samtune.data.dataset import SamDataset, collate_instances
 from samtune.data.records import ImageRecord
 from samtune.data.transforms import build_augmentation
 from samtune.data.zoom import ZoomCropConfig
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """A DataLoader worker's OpenCV runs single-threaded (albumentations' advice): PyTorch already gives each worker
+    one intra-op thread, but OpenCV would start a pool of one thread per core in every worker."""
+    cv2.setNumThreads(0)
 
 
 class SamDataModule(L.LightningDataModule):
@@ -68,6 +75,7 @@ class SamDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_instances,
             persistent_workers=self.num_workers > 0,
+            worker_init_fn=loader_worker_init if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:

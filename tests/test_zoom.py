@@ -125,12 +125,12 @@ def test_zoomed_prompts_are_mapped_by_pixel_extent(tiny, monkeypatch):
 
 
 def disc_oracle(model, radius: float):
-    """A decoder that answers a point with a disc of ``radius`` input pixels around it (all outputs)."""
+    """A decoder that answers points with a disc of ``radius`` input pixels around the first (all outputs)."""
     side = model.low_res_size
     scale = side / model.img_size
 
     def decode(embedding, *, points=None, boxes=None, mask_input=None, multimask_output=True):
-        (x, y), = points[0][0].tolist()
+        x, y = points[0][0][0].tolist()  # around the first point
         yy, xx = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")
         inside = (xx - (x + 0.5) * scale) ** 2 + (yy - (y + 0.5) * scale) ** 2 <= (radius * scale) ** 2
         return torch.where(inside, 20.0, -20.0).expand(1, 4, side, side).clone(), torch.ones(1, 4)
@@ -166,6 +166,30 @@ def test_point_prompts_are_recropped_around_the_mask_just_predicted(tiny, monkey
     assert crops == [(40, 40)]
 
 
+def test_one_point_prompts_can_have_their_own_number_of_recrop_rounds(tiny, monkeypatch):
+    """refine_one_point=2, refine=1: a one-point prompt is cropped 3 times, a three-point prompt twice, also when
+    both are in one chunk (a predict.py call); the three-point prompt's answer is that of its own second crop."""
+    crops = []
+    monkeypatch.setattr(tiny, "decode", disc_oracle(tiny, 40.0))
+    prepare = tiny.prepare_image
+    monkeypatch.setattr(tiny, "prepare_image", lambda crop: crops.append(crop.shape[:2]) or prepare(crop))
+    image = np.zeros((200, 200, 3), np.uint8)
+    one = {"instance": 1, "points": {"points": [[100, 90]], "labels": [1]}}
+    three = {"instance": 2, "points": {"points": [[60, 60], [64, 62], [62, 66]], "labels": [1, 1, 1]}}
+    cfg = ZoomConfig(context=2.0, min_frac=0.5, refine=1, refine_one_point=2)
+    assert (cfg.rounds("points", 1), cfg.rounds("points", 3), cfg.rounds("box", 0)) == (2, 1, 0)
+    (mixed,) = decode_prompts_zoomed(tiny, image, [one, three], "points", multimask=False, cfg=cfg)
+    assert len(crops) == 2 + 2 + 1  # first crops, the first re-crop of both, the second re-crop of one
+    crops.clear()
+    (alone,) = decode_prompts_zoomed(tiny, image, [three], "points", multimask=False,
+                                     cfg=ZoomConfig(context=2.0, min_frac=0.5, refine=1))
+    assert len(crops) == 2 and torch.equal(mixed.masks[1], alone.masks[0])
+    assert float(mixed.pred_iou[1]) == float(alone.pred_iou[0])
+    crops.clear()
+    list(decode_prompts_zoomed(tiny, image, [one], "points", multimask=False, cfg=ZoomConfig(min_frac=0.5)))
+    assert len(crops) == 1  # refine_one_point=None follows refine (0)
+
+
 def test_zoom_refine_config():
     assert zoom_config(OmegaConf.create({"zoom": 2.0, "zoom_refine": 1})).refine == 1
     assert zoom_config(OmegaConf.create({"zoom": 2.0})).refine == 0
@@ -173,6 +197,13 @@ def test_zoom_refine_config():
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(ValueError, match="eval.zoom.refine"):
             ZoomConfig(refine=bad)
+        with pytest.raises(ValueError, match="eval.zoom.refine_one_point"):
+            ZoomConfig(refine_one_point=bad)
+    cfg = zoom_config(OmegaConf.create({"zoom": 2.0, "zoom_refine": 1, "zoom_refine_one_point": 2}))
+    assert (cfg.refine, cfg.refine_one_point) == (1, 2)
+    assert "1x (2x for a single point)" in cfg.describe()
+    assert "re-cropped 2x around" in ZoomConfig(refine=2, refine_one_point=2).describe()
+    assert "re-cropped 0x (2x for a single point)" in ZoomConfig(refine_one_point=2).describe()
 
 
 def test_validation_evaluates_the_zoomed_views_the_report_uses(tmp_path):

@@ -63,7 +63,8 @@ def zoom_config(eval_cfg: DictConfig) -> ZoomConfig | None:
         return None
     if isinstance(z, (int, float)):
         return ZoomConfig(context=float(z), min_frac=float(eval_cfg.get("zoom_min_frac", 0.2)),
-                          refine=eval_cfg.get("zoom_refine", 0))
+                          refine=eval_cfg.get("zoom_refine", 0),
+                          refine_one_point=eval_cfg.get("zoom_refine_one_point"))
     return ZoomConfig(**OmegaConf.to_container(z))
 
 

@@ -33,12 +33,15 @@ class ZoomConfig:
             is ``min_frac`` of the image: too coarse for a small object, too tight for a large one. Each round
             crops again around the extent of the mask just predicted (with the positive points), ``context``
             times it, and segments the points again there. 0: the first crop only.
+        refine_one_point: Re-crop rounds for prompts of a single point (``point1``; a one-point prompt of
+            ``scripts/predict.py``), the least telling of their object's size; None: ``refine``.
     """
 
     context: float = 2.0
     min_frac: float = 0.2
     min_px: int = 16
     refine: int = 0
+    refine_one_point: int | None = None
 
     def __post_init__(self) -> None:
         if self.context < 1:
@@ -47,12 +50,28 @@ class ZoomConfig:
             raise ValueError(f"eval.zoom.min_frac must be in [0, 1], got {self.min_frac}")
         if isinstance(self.refine, bool) or not isinstance(self.refine, int) or self.refine < 0:
             raise ValueError(f"eval.zoom.refine must be a whole number >= 0, got {self.refine!r}")
+        one = self.refine_one_point
+        if one is not None and (isinstance(one, bool) or not isinstance(one, int) or one < 0):
+            raise ValueError(f"eval.zoom.refine_one_point must be null or a whole number >= 0, got {one!r}")
+
+    def rounds(self, mode: str, n_points: int) -> int:
+        """Re-crop rounds of a prompt: none for a box, ``refine_one_point`` (if set) for a single point."""
+        if mode == "box":
+            return 0
+        if n_points == 1 and self.refine_one_point is not None:
+            return self.refine_one_point
+        return self.refine
 
     def describe(self) -> str:
         text = (f"prompt-focused zoom: crop of {self.context:g}x the prompt's extent (at least "
                 f"{self.min_frac:g} of the longest image side) around each prompt, resized to the model input")
-        if self.refine:
-            text += (f"; point prompts re-cropped {self.refine}x around {self.context:g}x the extent of the mask "
+        one = self.refine if self.refine_one_point is None else self.refine_one_point
+        if self.refine or one:
+            if one == self.refine:
+                rounds = f"{self.refine}x"
+            else:
+                rounds = f"{self.refine}x ({one}x for a single point)"
+            text += (f"; point prompts re-cropped {rounds} around {self.context:g}x the extent of the mask "
                      "just predicted")
         return text
 
@@ -138,10 +157,17 @@ def decode_prompts_zoomed(
         windows = [prompt_window(_extent(p, mode), (h, w), cfg, is_box=mode == "box") for p in items]
         masks, scores, stability = _segment_in_windows(model, image, items, windows, mode, multimask,
                                                        stability_offset, output)
-        for _ in range(cfg.refine if mode != "box" else 0):
-            windows = [_refined_window(p, mode, m, (h, w), cfg) for p, m in zip(items, masks, strict=True)]
-            masks, scores, stability = _segment_in_windows(
-                model, image, items, windows, mode, multimask, stability_offset, output)
+        rounds = [cfg.rounds(mode, 0 if mode == "box" else len(p[mode]["points"])) for p in items]
+        for r in range(max(rounds, default=0)):
+            active = [i for i, n in enumerate(rounds) if n > r]
+            sub = [items[i] for i in active]
+            windows = [_refined_window(p, mode, masks[i], (h, w), cfg) for p, i in zip(sub, active, strict=True)]
+            new_masks, new_scores, new_stability = _segment_in_windows(
+                model, image, sub, windows, mode, multimask, stability_offset, output)
+            if len(active) == len(items):
+                masks, scores, stability = new_masks, new_scores, new_stability
+            else:
+                masks[active], scores[active], stability[active] = new_masks, new_scores, new_stability
         yield PromptPrediction(sl, masks, scores, stability, None)
 
 

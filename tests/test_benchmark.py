@@ -28,3 +28,16 @@ def test_benchmark_quick_prints_one_json_line_per_setting():
     ratios = by_setting["ratios"]
     assert ratios["cached_vs_uncached"] > 0 and ratios["batched_vs_per_prompt"] > 0
     assert ratios["cached_vs_uncached_target"] == 20 and ratios["batched_vs_per_prompt_target"] == 5
+
+
+def test_gpu_check_script_never_writes_into_an_existing_folder(tmp_path):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "mine.txt").write_text("a user's file")
+    out = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "OUT": str(tmp_path)})
+    assert out.returncode == 2 and "refusing" in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]

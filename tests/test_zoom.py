@@ -138,13 +138,20 @@ def disc_oracle(model, radius: float):
     return decode
 
 
+def disc_model_seeing_crops(model, monkeypatch, radius: float) -> list:
+    """``model`` answers points with :func:`disc_oracle`; the returned list collects the (h, w) of every crop it
+    is given."""
+    crops = []
+    monkeypatch.setattr(model, "decode", disc_oracle(model, radius))
+    prepare = model.prepare_image
+    monkeypatch.setattr(model, "prepare_image", lambda crop: crops.append(crop.shape[:2]) or prepare(crop))
+    return crops
+
+
 def test_point_prompts_are_recropped_around_the_mask_just_predicted(tiny, monkeypatch):
     """refine=1: the first crop of a point is min_frac of the image; the second is context x the extent of the
     mask predicted in the first (here a disc of 40 input px radius, 100 px crop -> about 31 px across)."""
-    crops = []
-    monkeypatch.setattr(tiny, "decode", disc_oracle(tiny, 40.0))
-    prepare = tiny.prepare_image
-    monkeypatch.setattr(tiny, "prepare_image", lambda crop: crops.append(crop.shape[:2]) or prepare(crop))
+    crops = disc_model_seeing_crops(tiny, monkeypatch, 40.0)
     image = np.zeros((200, 200, 3), np.uint8)
     prompt = {"instance": 1, "point1": {"points": [[100, 90]], "labels": [1]}}
     cfg = ZoomConfig(context=2.0, min_frac=0.5, refine=1)
@@ -169,10 +176,7 @@ def test_point_prompts_are_recropped_around_the_mask_just_predicted(tiny, monkey
 def test_one_point_prompts_can_have_their_own_number_of_recrop_rounds(tiny, monkeypatch):
     """refine_one_point=2, refine=1: a one-point prompt is cropped 3 times, a three-point prompt twice, also when
     both are in one chunk (a predict.py call); the three-point prompt's answer is that of its own second crop."""
-    crops = []
-    monkeypatch.setattr(tiny, "decode", disc_oracle(tiny, 40.0))
-    prepare = tiny.prepare_image
-    monkeypatch.setattr(tiny, "prepare_image", lambda crop: crops.append(crop.shape[:2]) or prepare(crop))
+    crops = disc_model_seeing_crops(tiny, monkeypatch, 40.0)
     image = np.zeros((200, 200, 3), np.uint8)
     one = {"instance": 1, "points": {"points": [[100, 90]], "labels": [1]}}
     three = {"instance": 2, "points": {"points": [[60, 60], [64, 62], [62, 66]], "labels": [1, 1, 1]}}

@@ -28,6 +28,7 @@ from typing import Any
 from samtune.data.errors import DataError
 from samtune.data.io import IMAGE_EXTENSIONS
 from samtune.data.records import ImageRecord, load_record
+from samtune.utils.cpus import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ def _validate(records: list[ImageRecord], issues: _Issues, binary_as_one_object:
             return exc
         return None
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     workers = max(1, min(cpus, 8, len(records) // 32))
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from samtune.data.errors import DataError
+from samtune.utils.cpus import usable_cpus
 from samtune.utils.io import temp_dir_beside
 
 SPLITS = ("train", "val", "test")
@@ -230,7 +231,7 @@ def generation_workers(total: int) -> int:
         return workers
     if total < 256:
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     return max(1, min(cpus, 16))
 
 

@@ -175,3 +175,14 @@ def test_training_without_a_validation_split(tmp_path):
     log = proc.stdout + proc.stderr
     assert "val/miou" not in log and "Evaluating the final checkpoint" in log and "epoch_001.ckpt" in log
     assert json.loads((run_dir / "report.json").read_text())["finetuned"]["box"]["n"] > 0
+
+
+def test_bf16_autocast_run_with_the_embedding_cache(tmp_path):
+    """What `trainer=gpu` runs (precision=auto is bf16-mixed there), here on a CPU: the cached decoder-only recipe
+    trains and evaluates under bf16 autocast (float16 cache entries once reached torch.stack there and failed)."""
+    run_dir = tmp_path / "run"
+    proc = run(tiny_args(tmp_path, run_dir, "trainer.precision=bf16-mixed", f"cache.dir={tmp_path / 'cache'}",
+                         "eval.modes=[box]"))
+    assert "Using bfloat16 Automatic Mixed Precision" in proc.stdout + proc.stderr
+    assert any((tmp_path / "cache").rglob("*.emb"))  # the run went through the cache
+    assert json.loads((run_dir / "report.json").read_text())["finetuned"]["box"]["n"] > 0

@@ -162,12 +162,8 @@ def decode_prompts_zoomed(
             active = [i for i, n in enumerate(rounds) if n > r]
             sub = [items[i] for i in active]
             windows = [_refined_window(p, mode, masks[i], (h, w), cfg) for p, i in zip(sub, active, strict=True)]
-            new_masks, new_scores, new_stability = _segment_in_windows(
+            masks[active], scores[active], stability[active] = _segment_in_windows(
                 model, image, sub, windows, mode, multimask, stability_offset, output)
-            if len(active) == len(items):
-                masks, scores, stability = new_masks, new_scores, new_stability
-            else:
-                masks[active], scores[active], stability[active] = new_masks, new_scores, new_stability
         yield PromptPrediction(sl, masks, scores, stability, None)
 
 

@@ -57,15 +57,18 @@ class EvalSet:
 
 
 def zoom_config(eval_cfg: DictConfig) -> ZoomConfig | None:
-    """``eval.zoom``: null (whole image), a context factor, or a mapping of :class:`ZoomConfig` fields."""
+    """``eval.zoom``: null (whole image), a context factor, or a mapping of :class:`ZoomConfig` fields;
+    ``eval.memory_budget_gb`` bounds the memory of the crops embedded per encoder call (a mapping's own
+    ``memory_budget_gb`` wins)."""
     z = eval_cfg.get("zoom")
     if z is None or z is False:
         return None
+    budget = eval_cfg.get("memory_budget_gb")
     if isinstance(z, (int, float)):
         return ZoomConfig(context=float(z), min_frac=float(eval_cfg.get("zoom_min_frac", 0.2)),
                           refine=eval_cfg.get("zoom_refine", 0),
-                          refine_one_point=eval_cfg.get("zoom_refine_one_point"))
-    return ZoomConfig(**OmegaConf.to_container(z))
+                          refine_one_point=eval_cfg.get("zoom_refine_one_point"), memory_budget_gb=budget)
+    return ZoomConfig(**{"memory_budget_gb": budget, **OmegaConf.to_container(z)})
 
 
 def eval_device(eval_cfg: DictConfig) -> torch.device:

@@ -17,6 +17,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from samtune.data.zoom import zoom_window
 from samtune.evaluation.decoding import PromptPrediction, finish_logits
+from samtune.model.memory import crops_per_call
 from samtune.model.promptable_sam import PromptableSam
 
 
@@ -35,6 +36,9 @@ class ZoomConfig:
             times it, and segments the points again there. 0: the first crop only.
         refine_one_point: Re-crop rounds for prompts of a single point (``point1``; a one-point prompt of
             ``scripts/predict.py``), the least telling of their object's size; None: ``refine``.
+        memory_budget_gb: Memory (GB) the crops embedded in one encoder call may take (``eval.memory_budget_gb``);
+            None: a share of what the model's device has free (:func:`samtune.model.memory.crops_per_call`).
+            Only the batching follows it, never a mask.
     """
 
     context: float = 2.0
@@ -42,6 +46,7 @@ class ZoomConfig:
     min_px: int = 16
     refine: int = 0
     refine_one_point: int | None = None
+    memory_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
         if self.context < 1:
@@ -53,6 +58,9 @@ class ZoomConfig:
         one = self.refine_one_point
         if one is not None and (isinstance(one, bool) or not isinstance(one, int) or one < 0):
             raise ValueError(f"eval.zoom.refine_one_point must be null or a whole number >= 0, got {one!r}")
+        budget = self.memory_budget_gb
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+            raise ValueError(f"eval.memory_budget_gb must be null or a number of GB > 0, got {budget!r}")
 
     def rounds(self, mode: str, n_points: int) -> int:
         """Re-crop rounds of a prompt: none for a box, ``refine_one_point`` (if set) for a single point."""
@@ -131,7 +139,7 @@ def decode_prompts_zoomed(
     multimask: bool,
     cfg: ZoomConfig,
     stability_offset: float = 1.0,
-    chunk: int = 16,
+    chunk: int | None = None,
     output: int | None = None,
 ) -> Iterator[PromptPrediction]:
     """Like ``decode_prompts`` but each prompt is segmented in its own zoomed crop.
@@ -144,13 +152,19 @@ def decode_prompts_zoomed(
         multimask: Whether to pick the best multimask output (ambiguous prompts).
         cfg: Zoom settings.
         stability_offset: Logit offset of the stability score.
-        chunk: Crops embedded per encoder call.
+        chunk: Crops embedded per encoder call; None: as many as ``cfg.memory_budget_gb`` (or the device's free
+            memory) holds for this model and image (:func:`samtune.model.memory.crops_per_call`). Only the batching
+            depends on it: the masks are the same for any value.
         output: Take this decoder output for every prompt, in every round (see ``finish_logits``).
 
     Yields:
         Chunks with masks n x H x W bool at the image size (``low_res`` is None: each crop has its own frame).
     """
     h, w = image.shape[:2]
+    if chunk is None:
+        chunk = crops_per_call(model, (h, w), cfg.memory_budget_gb)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     for start in range(0, len(prompts), chunk):
         sl = slice(start, start + chunk)
         items = prompts[sl]
@@ -216,7 +230,7 @@ def predict_prompts_zoomed(
     *,
     multimask: bool,
     cfg: ZoomConfig,
-    chunk: int = 16,
+    chunk: int | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """:func:`decode_prompts_zoomed` as (slice of ``prompts``, masks n x H x W bool, predicted IoU n)."""
     for p in decode_prompts_zoomed(model, image, prompts, mode, multimask=multimask, cfg=cfg, chunk=chunk):

@@ -16,7 +16,7 @@ from samtune.data.sources import build_records
 from samtune.evaluation.evaluator import evaluate_model
 from samtune.evaluation.job import zoom_config
 from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
-from samtune.inference.segment import segment_prompts
+from samtune.inference.segment import MaskPrediction, segment_prompts
 from samtune.model import ARCHITECTURES, PromptableSam, build_model, build_sam_from_arch
 from samtune.model import memory
 from samtune.model.memory import MAX_CROPS, crop_bytes, crops_per_call, encoder_activation_bytes
@@ -162,3 +162,26 @@ def test_evaluation_is_the_same_for_any_budget(tmp_path, one_thread):
                                 zoom=ZoomConfig(memory_budget_gb=budget, refine=1), save_masks=True)
         rows[budget] = result.rows
     assert rows[1e-9] == rows[100.0]
+
+
+def test_predictions_are_kept_as_rle():
+    mask = np.zeros((40, 50), bool)
+    mask[5:9, 10:30] = True
+    pred = MaskPrediction.from_mask(mask, 0.9, 0.8, {"box": [10, 5, 29, 8]}, 0)
+    assert isinstance(pred.rle["counts"], str)
+    assert np.array_equal(pred.mask, mask) and pred.area == 80 and pred.bbox == [10, 5, 20, 4]
+    assert MaskPrediction.from_mask(np.zeros((4, 4), bool), 0.1, 0.1, {}).bbox == [0, 0, 0, 0]
+
+
+def test_automatic_masks_come_as_the_rles_encoded_before(crowded, one_thread):
+    """build_mask_generator returns COCO RLE (no full-size mask per generated mask): the RLEs that encoding its
+    former binary masks gave."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from samtune.evaluation.auto import build_mask_generator, encode_masks, generate_masks
+
+    model, image, _ = crowded
+    params = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    rles = [m["segmentation"] for m in generate_masks(build_mask_generator(model, params), image)]
+    binary = generate_masks(SamAutomaticMaskGenerator(model.sam, output_mode="binary_mask", **params), image)
+    assert rles and rles == encode_masks(m["segmentation"] for m in binary)

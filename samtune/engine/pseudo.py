@@ -61,7 +61,7 @@ def propose(model: PromptableSam, records: list[ImageRecord], amg: Mapping, *, d
     for record in progress(records, desc=desc):
         image, _ = load_record(record)
         masks = generate_masks(generator, image)
-        rles = encode_masks([m["segmentation"] for m in masks])
+        rles = [m["segmentation"] for m in masks]  # COCO RLE (build_mask_generator)
         out[record.rel_path] = [
             Proposal(rle, int(m["area"]), [float(v) for v in m["bbox"]], float(m["predicted_iou"]),
                      float(m["stability_score"]))
@@ -74,7 +74,7 @@ def propose(model: PromptableSam, records: list[ImageRecord], amg: Mapping, *, d
 def _true_iou(record: ImageRecord, masks: list[Proposal], binary_as_one_object: bool) -> list[float]:
     """IoU of each mask with its best-matching ground-truth instance of ``record``."""
     _, instances = load_record(record, binary_as_one_object=binary_as_one_object)
-    gt = encode_masks([instances == i for i in range(1, int(instances.max()) + 1)])
+    gt = encode_masks(instances == i for i in range(1, int(instances.max()) + 1))  # one full-size mask at a time
     return match_to_ground_truth([p.rle for p in masks], gt).pred_best_iou.tolist()
 
 

@@ -10,7 +10,7 @@ recall.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,21 +38,24 @@ def build_mask_generator(model: PromptableSam, params: Mapping | None = None) ->
     unknown = sorted(set(params) - set(AMG_PARAMS))
     if unknown:
         raise ValueError(f"automatic mask generation: unknown parameters {unknown}; valid: {list(AMG_PARAMS)}")
-    return SamAutomaticMaskGenerator(model.sam, output_mode="binary_mask", **params)
+    # COCO RLE out: "binary_mask" would decode every kept mask of an image at full size at once (hundreds of
+    # masks of a large image: gigabytes), and every caller stores or matches RLEs anyway
+    return SamAutomaticMaskGenerator(model.sam, output_mode="coco_rle", **params)
 
 
 def generate_masks(generator: SamAutomaticMaskGenerator, image: np.ndarray) -> list[dict]:
     """Masks of ``image`` (H x W x 3 uint8 RGB), largest first.
 
     Returns:
-        Dicts with ``segmentation`` (H x W bool), ``area``, ``bbox`` (XYWH), ``predicted_iou``,
-        ``stability_score``, ``point_coords`` (the grid point that produced the mask), ``crop_box``.
+        Dicts with ``segmentation`` (COCO RLE, counts as str, from :func:`build_mask_generator`), ``area``,
+        ``bbox`` (XYWH), ``predicted_iou``, ``stability_score``, ``point_coords`` (the grid point that produced
+        the mask), ``crop_box``.
     """
     return sorted(generator.generate(image), key=lambda m: -int(m["area"]))
 
 
-def encode_masks(masks: list[np.ndarray] | np.ndarray) -> list[dict]:
-    """COCO RLEs (counts as str) of H x W boolean masks."""
+def encode_masks(masks: Iterable[np.ndarray] | np.ndarray) -> list[dict]:
+    """COCO RLEs (counts as str) of H x W boolean masks (an iterator is encoded one mask at a time)."""
     rles = []
     for m in masks:
         rle = mask_utils.encode(np.asfortranarray(np.asarray(m, dtype=np.uint8)))

@@ -265,9 +265,9 @@ def _eval_clicks(model, embedded, instances, inst_prompts, rel_path, name, max_c
 
 def _eval_auto(generator, image, instances, rel_path, name, tally, rows, save_masks) -> None:
     generated = generate_masks(generator, image)
-    pred_rles = encode_masks([m["segmentation"] for m in generated])
+    pred_rles = [m["segmentation"] for m in generated]  # COCO RLE (build_mask_generator)
     ids = [int(i) for i in np.unique(instances) if i > 0]
-    gt_rles = encode_masks([instances == i for i in ids])
+    gt_rles = encode_masks(instances == i for i in ids)  # one full-size mask at a time
     match = match_to_ground_truth(pred_rles, gt_rles)
     tally.tp += match.true_positives
     tally.n_pred += len(generated)

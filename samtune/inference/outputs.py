@@ -21,7 +21,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from samtune.evaluation.auto import encode_masks
 from samtune.evaluation.overlays import blend
 from samtune.inference.segment import MaskPrediction
 from samtune.utils.io import atomic_write_json, atomic_write_text, read_json
@@ -80,10 +79,11 @@ def check_output_dir(out: Path, inputs: list[tuple[Path, str]], input_path: Path
 
 
 def instance_map(preds: list[MaskPrediction]) -> np.ndarray:
-    """H x W uint16 ids of ``preds`` (already sorted largest first): id i+1 for ``preds[i]``, later ones on top."""
+    """H x W uint16 ids of ``preds`` (already sorted largest first): id i+1 for ``preds[i]``, later ones on top
+    (each mask decoded from its RLE in turn)."""
     if len(preds) > 65535:
         raise ValueError(f"{len(preds)} masks do not fit a uint16 instance map")
-    out = np.zeros(preds[0].mask.shape, np.uint16) if preds else None
+    out = np.zeros(tuple(preds[0].rle["size"]), np.uint16) if preds else None
     for i, p in enumerate(preds):
         out[p.mask] = i + 1
     return out
@@ -93,11 +93,8 @@ def coco_document(key: str, size: tuple[int, int], preds: list[MaskPrediction], 
     """A COCO instances document for one image (annotation ids = instance-map ids)."""
     h, w = size
     anns = []
-    for i, (p, rle) in enumerate(zip(preds, encode_masks([p.mask for p in preds]))):
-        ys, xs = np.nonzero(p.mask)
-        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] if xs.size \
-            else [0, 0, 0, 0]
-        ann = {"id": i + 1, "image_id": 1, "category_id": 1, "segmentation": rle, "area": p.area, "bbox": bbox,
+    for i, p in enumerate(preds):
+        ann = {"id": i + 1, "image_id": 1, "category_id": 1, "segmentation": p.rle, "area": p.area, "bbox": p.bbox,
                "iscrowd": 0, "score": round(p.predicted_iou, 6), "predicted_iou": round(p.predicted_iou, 6),
                "stability_score": round(p.stability_score, 6), "prompt": p.prompt}
         if p.prompt_index is not None:

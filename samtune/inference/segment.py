@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
 from samtune.data.io import IMAGE_EXTENSIONS
-from samtune.evaluation.auto import generate_masks
+from samtune.evaluation.auto import encode_masks, generate_masks
 from samtune.evaluation.decoding import decode_prompts
 from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
 from samtune.model.promptable_sam import PromptableSam
@@ -18,10 +19,11 @@ from samtune.model.promptable_sam import PromptableSam
 
 @dataclass
 class MaskPrediction:
-    """One predicted mask.
+    """One predicted mask, kept as COCO RLE: an image's masks are collected until its outputs are written, and
+    hundreds of full-size boolean masks of a large image would take gigabytes.
 
     Attributes:
-        mask: H x W bool.
+        rle: The mask as COCO RLE (compressed, counts as str; ``pycocotools.mask``).
         predicted_iou: The IoU head's estimate.
         stability_score: IoU of the mask thresholded at +-offset logits around SAM's threshold.
         prompt: What produced it: ``{"box": [...]}``, ``{"points": [...], "labels": [...]}`` or, in auto mode,
@@ -29,15 +31,31 @@ class MaskPrediction:
         prompt_index: Index of the prompt in the image's prompt list (None in auto mode).
     """
 
-    mask: np.ndarray
+    rle: dict
     predicted_iou: float
     stability_score: float
     prompt: dict
     prompt_index: int | None = None
 
+    @classmethod
+    def from_mask(cls, mask: np.ndarray, predicted_iou: float, stability_score: float, prompt: dict,
+                  prompt_index: int | None = None) -> MaskPrediction:
+        """From an H x W boolean mask."""
+        return cls(encode_masks([mask])[0], predicted_iou, stability_score, prompt, prompt_index)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """H x W bool (decoded on each access)."""
+        return mask_utils.decode(self.rle).astype(bool)
+
     @property
     def area(self) -> int:
-        return int(self.mask.sum())
+        return int(mask_utils.area(self.rle))
+
+    @property
+    def bbox(self) -> list[int]:
+        """XYWH of the mask's pixels ([0, 0, 0, 0] when empty)."""
+        return [int(v) for v in mask_utils.toBbox(self.rle)]
 
 
 def list_images(input_path: Path) -> list[tuple[Path, str]]:
@@ -106,13 +124,14 @@ def segment_prompts(
             for j, i in enumerate(idx[pred.index]):
                 p = prompts[i]
                 prompt = {"box": p["box"]} if mode == "box" else dict(p["points"])
-                out[i] = MaskPrediction(pred.masks[j].numpy(), float(pred.pred_iou[j]), float(pred.stability[j]),
-                                        prompt, i)
+                out[i] = MaskPrediction.from_mask(pred.masks[j].numpy(), float(pred.pred_iou[j]),
+                                                  float(pred.stability[j]), prompt, i)
     return [m for m in out if m is not None]
 
 
 def segment_everything(generator: SamAutomaticMaskGenerator, image: np.ndarray) -> list[MaskPrediction]:
-    """All masks that ``SamAutomaticMaskGenerator`` keeps for ``image``, largest first."""
+    """All masks that ``SamAutomaticMaskGenerator`` keeps for ``image``, largest first (``generator`` from
+    :func:`samtune.evaluation.auto.build_mask_generator`: masks as COCO RLE)."""
     return [
         MaskPrediction(m["segmentation"], float(m["predicted_iou"]), float(m["stability_score"]),
                        {"point": [float(v) for v in m["point_coords"][0]]})

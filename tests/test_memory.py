@@ -60,7 +60,7 @@ def test_activation_estimate_follows_the_model_not_its_name():
     ("vit_b", 1000, MAX_CROPS),
     ("vit_l", 8, 2),
     ("vit_h", 8, 2),
-    ("sam_tiny", 0.05, 6),
+    ("sam_tiny", 0.05, 5),
     ("sam_tiny", 1, MAX_CROPS),  # sam_tiny keeps the 16 crops per call it always had
 ])
 def test_crops_per_call_follow_the_model_and_the_budget(name, budget_gb, expected):

@@ -19,8 +19,9 @@ import torch
 MAX_CROPS = 16  # crops per encoder call at most (the fixed batch before; sam_tiny keeps it)
 CPU_SHARE = 0.25  # of the available RAM (shared with every other process on the host; a CPU gains nothing from batching)
 CUDA_SHARE = 0.7  # of the free GPU memory (the device is the process's own; batching is what makes a GPU fast)
-MASK_BYTES_PER_PIXEL = 4  # per crop at the full image size: its pasted mask, the ground truth it is scored against,
-# and the temporaries of that comparison (all bool)
+MASK_BYTES_PER_PIXEL = 12  # per crop at the full image size: float32 logits where a prompt is decoded on the whole
+# image (a point's first answer with eval.zoom_whole_first) and their thresholded temporaries, the pasted mask, the
+# ground truth it is scored against and that comparison's temporaries (bool)
 
 
 def _dtype_bytes(module: torch.nn.Module) -> int:

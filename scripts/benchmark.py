@@ -12,7 +12,11 @@ Settings (random weights, generated images with ``--prompts`` instances each, ``
   epoch fills it), so no encoder work;
 * ``lora``, ``full``: an epoch with the encoder trained (LoRA adapters / all weights, gradient checkpointing on);
 * ``prompts_batched`` / ``prompts_per_prompt``: one image's decoder forward + loss + backward for ``--prompts``
-  box prompts, all in one decoder call vs one call per prompt.
+  box prompts, all in one decoder call vs one call per prompt;
+* ``zoom`` (only when named in ``--settings``): the zoomed evaluation of experiment=pcb/medical (``eval.zoom=2``, box
+  prompts) of one image with ``--prompts`` objects, every prompt in its own crop through the encoder; the line adds
+  the crops per encoder call (``--memory-budget-gb``, else derived from the free memory) and the estimated memory of
+  one crop, so that its peak memory can be compared across models and numbers of objects.
 
 Each line: images/s, prompts/s (decoded prompts, all rounds), peak memory (``torch.cuda.max_memory_allocated`` on a
 GPU, the process's peak RSS during the setting on a CPU). The last line holds the two ratios and their targets:
@@ -42,14 +46,19 @@ import torch
 from torch.utils.data import DataLoader
 
 from samtune.data.dataset import SamDataset, collate_instances
+from samtune.data.records import load_record
 from samtune.data.sources import build_records
+from samtune.evaluation.evaluator import evaluate_model
+from samtune.evaluation.zoom import ZoomConfig
 from samtune.losses import SamLoss
 from samtune.model import ARCHITECTURES, build_model
 from samtune.model.embedding_cache import EmbeddingCache
-from samtune.prompts import PromptGroup, PromptPolicy, PromptSimulator, masks_to_boxes
+from samtune.model.memory import crop_bytes, crops_per_call
+from samtune.prompts import PromptGroup, PromptPolicy, PromptSimulator, make_instance_prompts, masks_to_boxes
 from samtune.training.module import SamTuneModule
 
 SETTINGS = ("decoder_only_uncached", "decoder_only_cached", "lora", "full", "prompts")
+OPTIONAL = ("zoom",)  # run only when named: one encoder pass per object
 TARGETS = {"cached_vs_uncached": 20.0, "batched_vs_per_prompt": 5.0}
 
 
@@ -240,6 +249,29 @@ def bench_prompts(args) -> list[dict]:
     return out
 
 
+def bench_zoom(args, records) -> dict:
+    """Zoomed box evaluation (``evaluate_model`` with ``eval.zoom=2``) of the first image's ``--prompts`` objects."""
+    model = build_model(args.model, arch=args.arch, seed=0).to(args.device).eval()
+    record = records[0]
+    _, instances = load_record(record)
+    prompts = {record.rel_path: make_instance_prompts(instances, seed=0, key=record.rel_path)}
+    zoom = ZoomConfig(context=2.0, memory_budget_gb=args.memory_budget_gb)
+    per_call = crops_per_call(model, instances.shape[:2], zoom.memory_budget_gb)
+    counts = {"encoded": 0, "prompts": 0, "encoder_calls": 0}
+    sam = model.sam
+    with PeakMemory(args.device) as mem, count_images(sam, counts), count_prompts(sam, counts), \
+            count_forward(sam.image_encoder, counts, "encoder_calls", lambda _inputs, _out: 1):
+        sync(args.device)
+        start = time.perf_counter()
+        result = evaluate_model(model, [record], prompts, name="bench", modes=["box"], zoom=zoom)
+        sync(args.device)
+        seconds = time.perf_counter() - start
+    return line(args, "zoom", seconds, 1, counts, mem, objects=len(prompts[record.rel_path]),
+                crops_per_call=per_call, encoder_calls=counts["encoder_calls"],
+                crop_mb_estimated=round(crop_bytes(model, instances.shape[:2]) / 2**20, 1),
+                memory_budget_gb=args.memory_budget_gb, box_miou=round(result.summary["box"]["miou"], 4))
+
+
 def line(args, setting: str, seconds: float, images: int, counts: dict, mem: PeakMemory, **extra) -> dict:
     return {
         "setting": setting, "model": args.model, "img_size": args.img_size, "device": str(args.device),
@@ -266,7 +298,10 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     p.add_argument("--rounds", type=int, default=0, help="correction-click rounds after the first prompt")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the prompt-batching step")
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps before each uncached epoch")
-    p.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {','.join(SETTINGS)}")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help=f"comma-separated subset of {','.join(SETTINGS + OPTIONAL)} (default: all but {','.join(OPTIONAL)})")
+    p.add_argument("--memory-budget-gb", type=float, default=None,
+                   help="zoom: eval.memory_budget_gb (default: derived from the free memory)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quick", action="store_true", help="smoke test: 4 prompts, 1 repetition")
@@ -279,9 +314,9 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
     args.img_size = args.img_size or ARCHITECTURES[args.model].img_size
     args.arch = {"img_size": args.img_size} if args.img_size != ARCHITECTURES[args.model].img_size else None
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = sorted(set(settings) - set(SETTINGS))
+    unknown = sorted(set(settings) - set(SETTINGS + OPTIONAL))
     if unknown:
-        p.error(f"unknown settings {unknown}; choose from {list(SETTINGS)}")
+        p.error(f"unknown settings {unknown}; choose from {list(SETTINGS + OPTIONAL)}")
     logging.getLogger("samtune").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     lines: dict[str, dict] = {}
@@ -289,7 +324,12 @@ def main(argv: list[str] | None = None, emit: Callable[[str], None] = print) -> 
         records, _ = build_records("folder", write_images(Path(tmp) / "data", args.images, args.img_size, args.prompts),
                                    "train")
         for setting in settings:
-            results = bench_prompts(args) if setting == "prompts" else [bench_epoch(args, setting, records, Path(tmp) / "cache")]
+            if setting == "prompts":
+                results = bench_prompts(args)
+            elif setting == "zoom":
+                results = [bench_zoom(args, records)]
+            else:
+                results = [bench_epoch(args, setting, records, Path(tmp) / "cache")]
             for result in results:
                 lines[result["setting"]] = result
                 emit(json.dumps(result))

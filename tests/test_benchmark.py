@@ -30,6 +30,16 @@ def test_benchmark_quick_prints_one_json_line_per_setting():
     assert ratios["cached_vs_uncached_target"] == 20 and ratios["batched_vs_per_prompt_target"] == 5
 
 
+def test_benchmark_zoom_reports_crops_per_encoder_call():
+    """--settings zoom: the zoomed box evaluation of one image, its crops per encoder call following the budget."""
+    proc = run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--model", "sam_tiny", "--images", "1",
+                "--quick", "--settings", "zoom", "--memory-budget-gb", "0.02", "--threads", "1"], timeout=240)
+    (line,) = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"setting": "zoom"')]
+    assert line["objects"] == line["prompts"] == line["images_encoded"] == 4
+    assert line["crops_per_call"] == 2 and line["encoder_calls"] == 2 and line["memory_budget_gb"] == 0.02
+    assert line["peak_mem_mb"] > 0 and 5 < line["crop_mb_estimated"] < 10
+
+
 def test_gpu_check_script_never_writes_into_an_existing_folder(tmp_path):
     import os
     import subprocess

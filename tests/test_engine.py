@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from samtune.engine.split import split_labeled
 from samtune.evaluation.auto import encode_masks
 from tests.blob_data import write_blob_dataset
 from tests.test_finetune_modes import make_module, tiny_batch
-from tests.test_train_e2e import ROOT
+from tests.test_train_e2e import ROOT, kill_when_paused, probe_args, probe_lines, start_paused_run
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log")
 
@@ -203,21 +202,38 @@ def test_engine_resumes_after_the_last_completed_round(engine_run):
 
 
 def test_killed_engine_continues_with_the_same_command(tmp_path):
+    """The engine killed (SIGKILL) in round 1's training, one step after that round's last.ckpt was written: the same
+    command again keeps round 0 as it was and continues round 1 from its last.ckpt's step (not from 0) to the end."""
     write_blob_dataset(tmp_path / "blobs", {"train": 8, "val": 1, "test": 2})
     run_dir = tmp_path / "run"
-    args = _engine_args(tmp_path, run_dir)
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    done0 = run_dir / "engine" / "round_0" / "DONE.json"
-    deadline = time.time() + 400
-    while not done0.is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert done0.is_file(), "round 0 never completed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    marker = tmp_path / "paused"
+    # Two epochs a round. Round 0 trains the 2 labelled images (1 step an epoch: 2 steps); round 1 the labelled and
+    # unlabelled ones (debug=tiny: 2 steps an epoch, last.ckpt at steps 2 and 4). The first process is killed when
+    # round 1 is about to train step 4 (step 3 trained, not checkpointed). Each round's StepProbe log is its own.
+    args = _engine_args(tmp_path, run_dir, "trainer.max_epochs=2",
+                        *probe_args("${paths.output_dir}/probe.log", pause_at=3, marker=marker))
+    rounds = [run_dir / "engine" / f"round_{k}" for k in range(3)]
+    proc = start_paused_run(args, tmp_path / "killed.out", start_new_session=True)
+    try:
+        kill_when_paused(proc, marker, tmp_path / "killed.out", group=True)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done0 = rounds[0] / "DONE.json"
+    assert done0.is_file() and not (rounds[1] / "DONE.json").exists()
+    assert probe_lines(rounds[0] / "probe.log") == ["start 0", "end 2"]
+    assert probe_lines(rounds[1] / "probe.log") == ["start 0", "paused 3"]
+    last1 = rounds[1] / "checkpoints" / "last.ckpt"
+    assert torch.load(last1, map_location="cpu", weights_only=False)["global_step"] == 2
     first = done0.read_bytes(), done0.stat().st_mtime_ns
+
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (done0.read_bytes(), done0.stat().st_mtime_ns) == first
+    assert probe_lines(rounds[0] / "probe.log") == ["start 0", "end 2"]  # round 0 was not trained again
+    assert probe_lines(rounds[1] / "probe.log")[2:] == ["start 2", "end 4"]  # from last.ckpt's step to the end
+    assert torch.load(last1, map_location="cpu", weights_only=False)["global_step"] == 4
+    round2 = probe_lines(rounds[2] / "probe.log")
+    assert round2[0] == "start 0" and len(round2) == 2 and int(round2[1].split()[1]) > 0
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["round"] for r in report["engine"]["rounds"]] == [0, 1, 2]

@@ -10,9 +10,81 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class StepProbe(L.Callback):
+    """A test callback that a run picks up from the command line (``+callbacks.probe._target_=...``, see
+    :func:`probe_args`): it appends ``start <global step>`` when training starts in this process and ``end <step>``
+    when it ends to the file ``log``, and, with ``pause_at``, stops the run when it is about to train that step
+    (every checkpoint of the steps before it written): it appends ``paused <step>``, creates ``marker`` and waits
+    there to be killed, so a test kills a live run at a known step without timing guesses. It pauses only while
+    ``marker`` does not exist, so the same command run again (the resume) goes on."""
+
+    def __init__(self, log: str, pause_at: int | None = None, marker: str | None = None,
+                 timeout_s: float = 600.0) -> None:
+        self.log_path, self.pause_at, self.timeout_s = Path(log), pause_at, timeout_s
+        self.marker = Path(marker) if marker else None
+
+    def _note(self, text: str) -> None:
+        with self.log_path.open("a") as f:
+            f.write(text + "\n")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._note(f"start {trainer.global_step}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step != self.pause_at or self.marker is None or self.marker.exists():
+            return
+        self._note(f"paused {trainer.global_step}")
+        self.marker.write_text(f"{os.getpid()}\n")
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:  # the test kills the process here
+            time.sleep(0.1)
+        raise RuntimeError(f"StepProbe: paused at step {self.pause_at} for {self.timeout_s}s and was never killed")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._note(f"end {trainer.global_step}")
+
+
+def probe_args(log: str | Path, pause_at: int | None = None, marker: str | Path | None = None) -> list[str]:
+    """Overrides that add :class:`StepProbe` to a run's callbacks (``log`` may be an interpolation such as
+    ``${paths.output_dir}/probe.log``)."""
+    args = [f"+callbacks.probe._target_={__name__}.StepProbe", f"+callbacks.probe.log={log}"]
+    if pause_at is not None:
+        args += [f"+callbacks.probe.pause_at={pause_at}", f"+callbacks.probe.marker={marker}"]
+    return args
+
+
+def probe_lines(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.is_file() else []
+
+
+def start_paused_run(args: list[str], output: Path, **kwargs) -> subprocess.Popen:
+    """Start ``args`` (a run with :func:`probe_args`' pause) in the background, its stdout and stderr to ``output``."""
+    with output.open("wb") as out:
+        return subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kwargs)
+
+
+def kill_when_paused(proc: subprocess.Popen, marker: Path, output: Path, timeout: float = 300, *,
+                     group: bool = False) -> None:
+    """Wait until the run started as ``proc`` pauses (:class:`StepProbe` creates ``marker``), check that it is still
+    alive, and SIGKILL it (its whole process group with ``group``)."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), (f"the run never reached its pause step (exit code {proc.poll()}):\n"
+                             + output.read_text(errors="replace")[-3000:])
+    assert proc.poll() is None, "the run had exited before it was killed"
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL  # it died of the signal, not of its own accord
 
 
 # the cached, whole-image recipe, for tests of the run machinery (resume, DDP, evaluation modes) that do not need
@@ -95,24 +167,34 @@ def test_same_prompts_reused_and_train_false_evaluates_only(trained_run, tmp_pat
 
 
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    args = tiny_args(tmp_path, run_dir, "trainer.max_epochs=4", "trainer.limit_train_batches=3")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert last.exists(), "the run never wrote a checkpoint"
-    resumed = run([*args, "resume=true"])
-    log = resumed.stdout + resumed.stderr
-    assert "Resuming in" in log and "Restored all states from the checkpoint" in log
+    """A run killed (SIGKILL) in its second epoch, one step after last.ckpt was written, continues from that step with
+    ``resume=true``: the resumed process starts training at last.ckpt's step (not 0) and ends at the full count."""
     import torch
 
-    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 3
+    run_dir = tmp_path / "run"
+    log, marker = tmp_path / "probe.log", tmp_path / "paused"
+    # 3 epochs of 2 steps; last.ckpt is written at the end of each epoch (steps 2, 4, 6); the first process is
+    # killed when about to train step 4, i.e. with step 3 trained but not checkpointed
+    args = tiny_args(tmp_path, run_dir, "trainer.max_epochs=3", "trainer.limit_train_batches=2",
+                     *probe_args(log, pause_at=3, marker=marker))
+    proc = start_paused_run(args, tmp_path / "killed.out")
+    try:
+        kill_when_paused(proc, marker, tmp_path / "killed.out")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert probe_lines(log) == ["start 0", "paused 3"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    killed = torch.load(last, map_location="cpu", weights_only=False)
+    assert (killed["epoch"], killed["global_step"]) == (0, 2)  # the end of epoch 0, the step the resume starts at
+    assert not (run_dir / "report.json").exists()
+
+    resumed = run([*args, "resume=true"])
+    assert probe_lines(log)[2:] == ["start 2", "end 6"]  # continued from last.ckpt's step 2 to the full 6
+    log_text = resumed.stdout + resumed.stderr
+    assert "Resuming in" in log_text and "Restored all states from the checkpoint" in log_text
+    final = torch.load(last, map_location="cpu", weights_only=False)
+    assert (final["epoch"], final["global_step"]) == (2, 6)
     assert json.loads((run_dir / "report.json").read_text())["finetuned"]["box"]["n"] > 0
 
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from samtune.data.records import ImageRecord
 from samtune.data.sources import build_records
+from samtune.evaluation.evaluator import evaluate_model
 from samtune.evaluation.job import MAIN, EvalJob, EvalSet, report_metrics, validation_prompts, zoom_config
 from samtune.model.checkpoint import load_sam_weights, save_sam_weights
 from samtune.model.factory import build_model
@@ -209,15 +210,32 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
         **(module_kwargs or {}),
     )
     zoom = zoom_config(cfg.eval)
+    select = str(cfg.eval.get("select", "miou"))
+    if select not in ("miou", "min_gain"):
+        raise ValueError(f"eval.select must be 'miou' or 'min_gain', got {select!r}")
     if zoom is not None and records["val_split"]:
         # choose the best checkpoint on the views the report evaluates, not on whole images
         binary = bool(cfg.data.binary_as_one_object)
         per_image = int(cfg.data.max_instances)
         val_prompts = validation_prompts(records["val_split"], seed=int(cfg.eval.prompt_seed),
                                          binary_as_one_object=binary, max_per_image=per_image)
-        module.use_zoomed_validation(records["val_split"], val_prompts, zoom, binary_as_one_object=binary)
-        log.info("Validation evaluates box and one-point prompts with %s (up to %d instances per val image)",
-                 zoom.describe(), per_image)
+        # the report's fixed-prompt modes, each validated (a mode not validated could fall unseen)
+        val_modes = [m for m in ("box", "point1", "point3") if m in list(cfg.eval.modes)] or ["box", "point1"]
+        start = None
+        if select == "min_gain":
+            # the starting weights on the same val prompts: `model` is still the start here (a resume loads its
+            # checkpoint inside trainer.fit), so a resumed run compares against the same figures
+            start_eval = evaluate_model(model, records["val_split"], val_prompts, name="start", modes=val_modes,
+                                        zoom=zoom, binary_as_one_object=binary)
+            start = {m: float(start_eval.summary[m]["miou"]) for m in val_modes}
+            log.info("Starting model on val: %s", ", ".join(f"{m} {v:.4f}" for m, v in start.items()))
+        module.use_zoomed_validation(records["val_split"], val_prompts, zoom, binary_as_one_object=binary,
+                                     modes=val_modes, start=start)
+        log.info("Validation evaluates %s prompts with %s (up to %d instances per val image)",
+                 "/".join(val_modes), zoom.describe(), per_image)
+    elif select == "min_gain":
+        log.warning("eval.select=min_gain needs zoomed validation (eval.zoom); choosing by val/miou instead")
+        select = "miou"
     callback_cfgs = dict(cfg.get("callbacks") or {})
     # nothing to monitor without a val split: model_checkpoint keeps the latest epoch and writes last.ckpt itself
     merge_last = not records["val_split"] and bool(callback_cfgs.get("model_checkpoint"))
@@ -230,6 +248,8 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
                 c.monitor = None
     if merge_last:
         callbacks["model_checkpoint"].save_last = True
+    if select == "min_gain" and records["val_split"] and "model_checkpoint" in callbacks:
+        callbacks["model_checkpoint"].monitor = "val/min_gain"
     callbacks = list(callbacks.values())
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     trainer: L.Trainer = hydra.utils.instantiate(
@@ -249,13 +269,13 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
         if score is None:  # nothing monitored (no val split or no validation run): the latest checkpoint
             log.info("Evaluating the final checkpoint %s (no validation score to choose by)", best)
         else:
-            log.info("Evaluating the best validation checkpoint %s (val/miou=%s)", best, score)
+            log.info("Evaluating the best validation checkpoint %s (%s=%s)", best, ckpt_cb.monitor, score)
     if has_lora(model.sam):
         merge_lora(model.sam)
         log.info("Merged the LoRA adapters into the image encoder's weights")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if score is not None:
-        metrics["val/miou_best"] = float(score)
+        metrics[f"{ckpt_cb.monitor}_best"] = float(score)
     return metrics
 
 

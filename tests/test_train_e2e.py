@@ -239,11 +239,16 @@ def test_last_checkpoint_holds_the_final_step_between_save_points(tmp_path):
 def test_zoomed_run_validates_on_zoomed_views(tmp_path):
     """eval.zoom: validation (the best-checkpoint choice) runs the zoomed evaluation the report uses."""
     run_dir = tmp_path / "run"
-    proc = run(tiny_args(tmp_path, run_dir, "eval.zoom=2", "eval.modes=[box]"))
+    proc = run(tiny_args(tmp_path, run_dir, "eval.zoom=2", "eval.modes=[box,point3]", "eval.select=min_gain"))
     log = proc.stdout + proc.stderr
-    assert "Validation evaluates box and one-point prompts with prompt-focused zoom: crop of 2x" in log
-    metrics = (run_dir / "csv").rglob("metrics.csv")
-    assert any("val/miou_box" in f.read_text().splitlines()[0] for f in metrics)
+    assert "Validation evaluates box/point3 prompts with prompt-focused zoom: crop of 2x" in log
+    assert "Starting model on val: box " in log
+    header = next((run_dir / "csv").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    for key in ("val/miou_box", "val/miou_point3", "val/gain_box", "val/gain_point3", "val/min_gain"):
+        assert key in header
+    assert "val/miou_point1" not in header
+    # the best checkpoint is chosen by the smallest gain over the validated modes
+    assert "(val/min_gain=" in log
     assert "prompt-focused zoom" in (run_dir / "report.md").read_text()
 
 

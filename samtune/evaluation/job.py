@@ -8,9 +8,11 @@ check) with their fixed prompts, evaluates each model it is given on all of them
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -100,11 +102,17 @@ def fixed_prompts(eval_set: EvalSet, default_path: Path, seed: int) -> tuple[dic
 
 def validation_prompts(records: list[ImageRecord], *, seed: int, binary_as_one_object: bool,
                        max_per_image: int) -> dict[str, list[dict]]:
-    """Fixed evaluation prompts for the val split (zoomed validation): the first ``max_per_image`` instances."""
+    """Fixed evaluation prompts for the val split (zoomed validation): at most ``max_per_image`` instances per
+    image, drawn at random (seeded by ``seed`` and the image's path) so that they stand for all of its instances
+    (the first ones by id are the objects a generator drew first: on the generated boards, component bodies)."""
     prompts = {}
     for r in records:
         _, instances = load_record(r, binary_as_one_object=binary_as_one_object)
-        prompts[r.rel_path] = make_instance_prompts(instances, seed=seed, key=r.rel_path)[:max_per_image]
+        every = make_instance_prompts(instances, seed=seed, key=r.rel_path)
+        if len(every) > max_per_image:
+            rng = np.random.default_rng(zlib.crc32(f"val:{seed}:{r.rel_path}".encode()))
+            every = [every[i] for i in sorted(rng.choice(len(every), max_per_image, replace=False))]
+        prompts[r.rel_path] = every
     return prompts
 
 

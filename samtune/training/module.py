@@ -332,17 +332,24 @@ class SamTuneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def use_zoomed_validation(self, records: Sequence, prompts: Mapping[str, list[dict]], zoom,
-                              *, binary_as_one_object: bool = False) -> None:
+                              *, binary_as_one_object: bool = False, modes: Sequence[str] = ("box", "point1"),
+                              start: Mapping[str, float] | None = None) -> None:
         """Validate the way the final evaluation runs with ``eval.zoom``.
 
         Plain validation segments whole images with tight boxes and centre points; a model evaluated with
         prompt-focused zoom would then be chosen (best checkpoint) on views it is not reported on. Here each
         validation instead runs the evaluation itself (:func:`samtune.evaluation.evaluator.evaluate_model`) on
-        ``records`` with the fixed ``prompts`` (box and one point) and ``zoom`` (a ``ZoomConfig``), and logs its
-        mIoU as ``val/miou_box``, ``val/miou_point1`` and their mean ``val/miou``. The sanity check before
-        training is skipped.
+        ``records`` with the fixed ``prompts`` in each of ``modes`` and ``zoom`` (a ``ZoomConfig``), and logs its
+        mIoU as ``val/miou_<mode>`` and their mean ``val/miou``. With ``start`` (the starting model's mIoU per
+        mode on the same prompts) it also logs ``val/gain_<mode>`` and ``val/min_gain``, the smallest gain over
+        the modes: the score by which no mode can pay for another (``eval.select=min_gain``). The sanity check
+        before training is skipped.
         """
-        self.zoomed_val = (list(records), dict(prompts), zoom, bool(binary_as_one_object))
+        modes = list(modes)
+        if start is not None and set(start) != set(modes):
+            raise ValueError(f"start figures are for modes {sorted(start)}, validation runs {modes}")
+        self.zoomed_val = (list(records), dict(prompts), zoom, bool(binary_as_one_object), modes,
+                           dict(start) if start is not None else None)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.zoomed_val is not None:
@@ -375,13 +382,18 @@ class SamTuneModule(L.LightningModule):
                 return
             from samtune.evaluation.evaluator import evaluate_model
 
-            records, prompts, zoom, binary = self.zoomed_val
-            result = evaluate_model(self.model, records, prompts, name="val", modes=list(self.val_metrics),
+            records, prompts, zoom, binary, modes, start = self.zoomed_val
+            result = evaluate_model(self.model, records, prompts, name="val", modes=modes,
                                     zoom=zoom, binary_as_one_object=binary)
-            values = {mode: torch.tensor(float(result.summary[mode]["miou"])) for mode in self.val_metrics}
+            values = {mode: float(result.summary[mode]["miou"]) for mode in modes}
             for mode, value in values.items():
-                self.log(f"val/miou_{mode}", value, sync_dist=False)
-            self.log("val/miou", (values["box"] + values["point1"]) / 2, prog_bar=True)
+                self.log(f"val/miou_{mode}", torch.tensor(value), sync_dist=False)
+            self.log("val/miou", torch.tensor(sum(values.values()) / len(values)), prog_bar=True)
+            if start is not None:
+                gains = {mode: values[mode] - float(start[mode]) for mode in modes}
+                for mode, gain in gains.items():
+                    self.log(f"val/gain_{mode}", torch.tensor(gain), sync_dist=False)
+                self.log("val/min_gain", torch.tensor(min(gains.values())), prog_bar=True)
             return
         values = {}
         for mode, metric in self.val_metrics.items():

@@ -14,7 +14,7 @@ from samtune.data.sources import build_records
 from samtune.data.zoom import ZoomCropConfig, sample_zoom_crop, zoom_window
 from samtune.evaluation.evaluator import evaluate_model
 from samtune.evaluation.job import validation_prompts, zoom_config
-from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
+from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed, point_window
 from samtune.losses import SamLoss
 from samtune.model import build_model
 from samtune.prompts import PromptPolicy, PromptSimulator
@@ -154,7 +154,7 @@ def test_point_prompts_are_recropped_around_the_mask_just_predicted(tiny, monkey
     crops = disc_model_seeing_crops(tiny, monkeypatch, 40.0)
     image = np.zeros((200, 200, 3), np.uint8)
     prompt = {"instance": 1, "point1": {"points": [[100, 90]], "labels": [1]}}
-    cfg = ZoomConfig(context=2.0, min_frac=0.5, refine=1)
+    cfg = ZoomConfig(context=2.0, min_frac=0.5, refine=1, one_point_whole=False)
     (chunk,) = decode_prompts_zoomed(tiny, image, [prompt], "point1", multimask=True, cfg=cfg)
     assert crops[0] == (100, 100)
     ys, xs = torch.nonzero(chunk.masks[0], as_tuple=True)
@@ -165,7 +165,8 @@ def test_point_prompts_are_recropped_around_the_mask_just_predicted(tiny, monkey
     assert abs(float(xs.float().mean()) - 100.5) <= 1 and abs(float(ys.float().mean()) - 90.5) <= 1
     # refine=0 is the first crop only; a box, whose extent is known, is never re-cropped
     crops.clear()
-    list(decode_prompts_zoomed(tiny, image, [prompt], "point1", multimask=True, cfg=ZoomConfig(min_frac=0.5)))
+    list(decode_prompts_zoomed(tiny, image, [prompt], "point1", multimask=True,
+                               cfg=ZoomConfig(min_frac=0.5, one_point_whole=False)))
     assert crops == [(100, 100)]
     crops.clear()
     monkeypatch.setattr(tiny, "decode", box_oracle(tiny))
@@ -180,19 +181,110 @@ def test_one_point_prompts_can_have_their_own_number_of_recrop_rounds(tiny, monk
     image = np.zeros((200, 200, 3), np.uint8)
     one = {"instance": 1, "points": {"points": [[100, 90]], "labels": [1]}}
     three = {"instance": 2, "points": {"points": [[60, 60], [64, 62], [62, 66]], "labels": [1, 1, 1]}}
-    cfg = ZoomConfig(context=2.0, min_frac=0.5, refine=1, refine_one_point=2)
+    cfg = ZoomConfig(context=2.0, min_frac=0.5, refine=1, refine_one_point=2, one_point_whole=False)
     assert (cfg.rounds("points", 1), cfg.rounds("points", 3), cfg.rounds("box", 0)) == (2, 1, 0)
     (mixed,) = decode_prompts_zoomed(tiny, image, [one, three], "points", multimask=False, cfg=cfg)
     assert len(crops) == 2 + 2 + 1  # first crops, the first re-crop of both, the second re-crop of one
     crops.clear()
     (alone,) = decode_prompts_zoomed(tiny, image, [three], "points", multimask=False,
-                                     cfg=ZoomConfig(context=2.0, min_frac=0.5, refine=1))
+                                     cfg=ZoomConfig(context=2.0, min_frac=0.5, refine=1, one_point_whole=False))
     assert len(crops) == 2 and torch.equal(mixed.masks[1], alone.masks[0])
     assert float(mixed.pred_iou[1]) == float(alone.pred_iou[0])
     crops.clear()
-    list(decode_prompts_zoomed(tiny, image, [one], "points", multimask=False, cfg=ZoomConfig(min_frac=0.5)))
+    list(decode_prompts_zoomed(tiny, image, [one], "points", multimask=False,
+                               cfg=ZoomConfig(min_frac=0.5, one_point_whole=False)))
     assert len(crops) == 1  # refine_one_point=None follows refine (0)
 
+
+def test_point_window_is_sized_by_the_whole_image_answer():
+    """point_window: a point's crop is min_frac of the image (80 px of 400) unless context x the extent of its
+    whole-image mask (with the point) is larger; then it is that square around them, or None (keep the whole-image
+    answer) when that square is the image."""
+    size, cfg = (400, 400), ZoomConfig(context=2.0, min_frac=0.2)
+    prompt = {"instance": 1, "point1": {"points": [[200, 190]], "labels": [1]}}
+    default = zoom_window((200, 190, 200, 190), size, context=2.0, min_side=80)
+    mask = torch.zeros(size, dtype=torch.bool)
+    assert point_window(prompt, "point1", mask, size, cfg) == default  # nothing predicted: the usual crop
+    mask[185:200, 195:210] = True  # a 15 px object: 30 px < 80 px, it keeps its small crop
+    assert point_window(prompt, "point1", mask, size, cfg) == default == (160, 150, 240, 230)
+    mask[:] = False
+    mask[100:250, 120:270] = True  # 150 px: a 300 px square around it, the object whole inside
+    x0, y0, x1, y1 = point_window(prompt, "point1", mask, size, cfg)
+    assert (x1 - x0, y1 - y0) == (300, 300) and x0 <= 120 and x1 >= 270 and y0 <= 100 and y1 >= 250
+    mask[:] = False
+    mask[150:200, 205:300] = True  # the point outside the mask still lies in the crop
+    x0, y0, x1, y1 = point_window(prompt, "point1", mask, size, cfg)
+    assert x0 <= 200 and x1 >= 300 and (x1 - x0) == 2 * 100  # x 200..299
+    mask[:] = False
+    mask[50:300, 60:310] = True  # 250 px: 500 px, more than the image: the whole-image answer stays
+    assert point_window(prompt, "point1", mask, size, cfg) is None
+
+
+def object_model_seeing_crops(model, monkeypatch) -> list:
+    """``model`` sees what it is given: its "embedding" is the prepared input itself, and a point is answered (every
+    output) with the bright connected region under it, as far as the input shows it. The returned list collects the
+    (h, w) of every image or crop embedded."""
+    from scipy import ndimage
+
+    crops = []
+    side = model.low_res_size
+    prepare = model.prepare_image
+    monkeypatch.setattr(model, "prepare_image", lambda crop: crops.append(crop.shape[:2]) or prepare(crop))
+    monkeypatch.setattr(model, "embed", lambda x: x)
+
+    def decode(embedding, *, points=None, boxes=None, mask_input=None, multimask_output=True):
+        coords = points[0]
+        logits = torch.full((coords.shape[0], 4, side, side), -20.0)
+        for i in range(coords.shape[0]):
+            bright = (embedding[i if embedding.shape[0] > 1 else 0].mean(0) > 1.0).numpy()
+            labels, _ = ndimage.label(bright)
+            x, y = (int(v) for v in coords[i, 0].tolist())
+            region = torch.from_numpy(labels == labels[y, x]).float() if labels[y, x] else torch.zeros(bright.shape)
+            low = torch.nn.functional.interpolate(region[None, None], size=(side, side), mode="area")[0, 0]
+            logits[i, :, low > 0.5] = 20.0
+        return logits, torch.ones(coords.shape[0], 4)
+
+    monkeypatch.setattr(model, "decode", decode)
+    return crops
+
+
+@pytest.mark.parametrize(("square", "expected_crops"), [
+    ((50, 50, 62, 62), [(80, 80)]),  # 12 px: inside its 80 px crop, kept as it was; no whole-image embedding
+    ((140, 140, 260, 260), [(80, 80), (400, 400), (240, 240)]),  # 120 px, cut: cropped again, ~2 x 120 px
+    # 300 px: a 600 px crop is the image; a step of 2 x the cut answer (160 px) still cuts it: the whole-image answer
+    ((50, 50, 350, 350), [(80, 80), (400, 400), (160, 160)]),
+])
+def test_a_one_point_prompt_on_a_large_object_gets_a_crop_that_holds_it(tiny, monkeypatch, square, expected_crops):
+    """one_point_whole, with a model that segments the object under the point as far as its input shows it: the
+    usual crop (0.2 of the 400 px image: 80 px) holds a small object, which keeps that crop and its answer; it
+    cuts a large one, whose point is decoded on the whole image and segmented again in a crop of 2x that mask's
+    extent (or, when that crop would be the image and a crop of 2x the cut answer cuts it too, answered on the
+    whole image)."""
+    crops = object_model_seeing_crops(tiny, monkeypatch)
+    x0, y0, x1, y1 = square
+    image = np.zeros((400, 400, 3), np.uint8)
+    image[y0:y1, x0:x1] = 255
+    truth = torch.zeros(400, 400, dtype=torch.bool)
+    truth[y0:y1, x0:x1] = True
+    prompt = {"instance": 1, "point1": {"points": [[(x0 + x1) // 2, (y0 + y1) // 2]], "labels": [1]}}
+    (chunk,) = decode_prompts_zoomed(tiny, image, [prompt], "point1", multimask=True, cfg=ZoomConfig(min_frac=0.2))
+    assert len(crops) == len(expected_crops) and crops[:2] == expected_crops[:2]
+    for (h, w), (eh, _) in zip(crops[2:], expected_crops[2:]):  # 2x a mask as the 256 px input shows it
+        assert h == w and abs(h - eh) <= 20  # (the 120 px square is 77 input px on the whole image)
+    iou = float((chunk.masks[0] & truth).sum() / (chunk.masks[0] | truth).sum())
+    assert iou > 0.95, iou
+    crops.clear()
+    (before,) = decode_prompts_zoomed(tiny, image, [prompt], "point1", multimask=True,
+                                      cfg=ZoomConfig(min_frac=0.2, one_point_whole=False))
+    assert crops == [(80, 80)]
+    if len(expected_crops) == 1:
+        assert torch.equal(chunk.masks, before.masks) and torch.equal(chunk.pred_iou, before.pred_iou)
+    else:  # without it, the answer is the object as far as the 80 px crop shows it
+        assert int(before.masks[0].sum()) <= 80 * 80
+    three = {"instance": 1, "point3": {"points": [prompt["point1"]["points"][0]] * 3, "labels": [1, 1, 1]}}
+    crops.clear()
+    list(decode_prompts_zoomed(tiny, image, [three], "point3", multimask=False, cfg=ZoomConfig(min_frac=0.2)))
+    assert crops == [(80, 80)]  # several points keep their crop (their spread sizes it)
 
 def test_zoom_refine_config():
     assert zoom_config(OmegaConf.create({"zoom": 2.0, "zoom_refine": 1})).refine == 1
@@ -208,6 +300,12 @@ def test_zoom_refine_config():
     assert "1x (2x for a single point)" in cfg.describe()
     assert "re-cropped 2x around" in ZoomConfig(refine=2, refine_one_point=2).describe()
     assert "re-cropped 0x (2x for a single point)" in ZoomConfig(refine_one_point=2).describe()
+    assert zoom_config(OmegaConf.create({"zoom": 2.0})).one_point_whole is True
+    assert zoom_config(OmegaConf.create({"zoom": 2.0, "zoom_one_point_whole": False})).one_point_whole is False
+    assert "whole-image mask" in ZoomConfig().describe()
+    assert "whole-image mask" not in ZoomConfig(one_point_whole=False).describe()
+    with pytest.raises(ValueError, match="eval.zoom.one_point_whole"):
+        ZoomConfig(one_point_whole="yes")
 
 
 def test_validation_evaluates_the_zoomed_views_the_report_uses(tmp_path):

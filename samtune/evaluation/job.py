@@ -69,6 +69,7 @@ def zoom_config(eval_cfg: DictConfig) -> ZoomConfig | None:
     if isinstance(z, (int, float)):
         return ZoomConfig(context=float(z), min_frac=float(eval_cfg.get("zoom_min_frac", 0.2)),
                           refine=eval_cfg.get("zoom_refine", 0),
+                          one_point_whole=eval_cfg.get("zoom_one_point_whole", True),
                           refine_one_point=eval_cfg.get("zoom_refine_one_point"), memory_budget_gb=budget)
     return ZoomConfig(**{"memory_budget_gb": budget, **OmegaConf.to_container(z)})
 

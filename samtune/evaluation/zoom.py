@@ -16,9 +16,15 @@ import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samtune.data.zoom import zoom_window
-from samtune.evaluation.decoding import PromptPrediction, finish_logits
+from samtune.evaluation.decoding import PromptPrediction, decode_prompts, finish_logits
 from samtune.model.memory import crops_per_call
 from samtune.model.promptable_sam import PromptableSam
+
+# one_point_whole: a one-point answer is cut by its crop when it covers more than CUT_BORDER_SHARE of the crop's edges
+# inside the image; a crop holds it when it covers at most HOLD_BORDER_SHARE (both chosen on the val splits of the
+# generated large objects, pcb and medical boards, pcb_defects and nuclei)
+CUT_BORDER_SHARE = 0.3
+HOLD_BORDER_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,16 @@ class ZoomConfig:
             times it, and segments the points again there. 0: the first crop only.
         refine_one_point: Re-crop rounds for prompts of a single point (``point1``; a one-point prompt of
             ``scripts/predict.py``), the least telling of their object's size; None: ``refine``.
+        one_point_whole: Let a one-point prompt's object widen its crop (``eval.zoom_one_point_whole``). Where
+            the answer in the ``min_frac`` crop is cut by it (covers more than :data:`CUT_BORDER_SHARE` of the
+            crop's border inside the image: the object goes on past the crop), the point is decoded on the whole
+            image (one embedding per call, only when a prompt needs it) and segmented again in a crop of
+            ``context`` times the extent of that whole-image mask (:func:`point_window`). Where that crop would be
+            the whole image, the whole image is the coarsest view of the object, so first one step as a ``refine``
+            round takes (``context`` times the extent of the cut answer); its answer is kept where that crop holds
+            it (at most :data:`HOLD_BORDER_SHARE` of its border), the whole-image answer otherwise. Answers inside
+            their crop are kept: small objects keep today's crop and answer. False: every point prompt keeps its
+            ``min_frac`` crop.
         memory_budget_gb: Memory (GB) the crops embedded in one encoder call may take (``eval.memory_budget_gb``);
             None: a share of what the model's device has free (:func:`samtune.model.memory.crops_per_call`).
             Only the batching follows it, never a mask.
@@ -46,6 +62,7 @@ class ZoomConfig:
     min_px: int = 16
     refine: int = 0
     refine_one_point: int | None = None
+    one_point_whole: bool = True
     memory_budget_gb: float | None = None
 
     def __post_init__(self) -> None:
@@ -58,6 +75,8 @@ class ZoomConfig:
         one = self.refine_one_point
         if one is not None and (isinstance(one, bool) or not isinstance(one, int) or one < 0):
             raise ValueError(f"eval.zoom.refine_one_point must be null or a whole number >= 0, got {one!r}")
+        if not isinstance(self.one_point_whole, bool):
+            raise ValueError(f"eval.zoom.one_point_whole must be true or false, got {self.one_point_whole!r}")
         budget = self.memory_budget_gb
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
             raise ValueError(f"eval.memory_budget_gb must be null or a number of GB > 0, got {budget!r}")
@@ -73,6 +92,9 @@ class ZoomConfig:
     def describe(self) -> str:
         text = (f"prompt-focused zoom: crop of {self.context:g}x the prompt's extent (at least "
                 f"{self.min_frac:g} of the longest image side) around each prompt, resized to the model input")
+        if self.one_point_whole:
+            text += (f"; a single point whose answer the crop cuts is cropped again {self.context:g}x the extent of "
+                     "its whole-image mask (the whole-image answer where that crop is the image)")
         one = self.refine if self.refine_one_point is None else self.refine_one_point
         if self.refine or one:
             if one == self.refine:
@@ -129,6 +151,93 @@ def _refined_window(prompt: dict, mode: str, mask: torch.Tensor, image_size: tup
     return zoom_window(extent, image_size, context=cfg.context, min_side=cfg.min_px)
 
 
+def _side(extent: tuple[float, float, float, float], context: float, min_side: float) -> float:
+    """The side of :func:`zoom_window` around ``extent`` before it is clipped to the image."""
+    x0, y0, x1, y1 = extent
+    return max(context * max(x1 - x0 + 1, y1 - y0 + 1), min_side)
+
+
+def point_window(prompt: dict, mode: str, whole_mask: torch.Tensor, image_size: tuple[int, int],
+                 cfg: ZoomConfig) -> tuple[int, int, int, int] | None:
+    """The crop of a point prompt sized by ``whole_mask``, its answer on the whole image (``one_point_whole``).
+
+    The prompt's own window (:func:`prompt_window`, ``min_frac`` of the image) unless ``context`` times the
+    extent of ``whole_mask`` and the positive points is larger: then that window around them, and None (keep the
+    whole-image answer) when that window is the whole image. An empty mask keeps the prompt's window.
+    """
+    h, w = image_size
+    points = _extent(prompt, mode)
+    default = prompt_window(points, image_size, cfg, is_box=False)
+    if not bool(whole_mask.any()):
+        return default
+    ys, xs = torch.nonzero(whole_mask, as_tuple=True)
+    px0, py0, px1, py1 = points
+    extent = (min(px0, float(xs.min())), min(py0, float(ys.min())), max(px1, float(xs.max())), max(py1, float(ys.max())))
+    floor = max(cfg.min_frac * max(h, w), cfg.min_px)
+    if _side(extent, cfg.context, cfg.min_px) <= _side(points, cfg.context, floor):
+        return default
+    window = zoom_window(extent, image_size, context=cfg.context, min_side=cfg.min_px)
+    return None if window == (0, 0, w, h) else window
+
+
+def border_share(mask: torch.Tensor, window: tuple[int, int, int, int], image_size: tuple[int, int]) -> float:
+    """Share of the pixels along ``window``'s edges that lie inside the image (not on its border) which ``mask``
+    (at the image size) covers: how much the crop cuts the answer (0 when the window is the whole image)."""
+    x0, y0, x1, y1 = window
+    h, w = image_size
+    sub = mask[y0:y1, x0:x1]
+    edges = [e for e, inside in ((sub[:, 0], x0 > 0), (sub[0, :], y0 > 0), (sub[:, -1], x1 < w), (sub[-1, :], y1 < h))
+             if inside]
+    return float(torch.cat(edges).float().mean()) if edges and sub.numel() else 0.0
+
+
+def _first_round(model: PromptableSam, image: np.ndarray, items: list[dict], mode: str, multimask: bool,
+                 cfg: ZoomConfig, stability_offset: float, output: int | None, whole: dict,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First answers of ``items``: each in its prompt window; under ``one_point_whole`` a one-point prompt whose
+    answer that crop cuts is segmented again in the crop :func:`point_window` sizes by its whole-image answer, or,
+    where that crop is the image, in a crop of ``context`` times the cut answer's extent if that crop holds the new
+    answer, else it keeps the whole-image answer (see :class:`ZoomConfig`). ``whole`` caches the image's embedding
+    for the call."""
+    h, w = image.shape[:2]
+    windows = [prompt_window(_extent(p, mode), (h, w), cfg, is_box=mode == "box") for p in items]
+    masks, scores, stability = _segment_in_windows(model, image, items, windows, mode, multimask, stability_offset,
+                                                   output)
+    if mode == "box" or not cfg.one_point_whole:
+        return masks, scores, stability
+    cut = [i for i, p in enumerate(items)
+           if len(p[mode]["points"]) == 1 and border_share(masks[i], windows[i], (h, w)) > CUT_BORDER_SHARE]
+    if not cut:
+        return masks, scores, stability
+    if not whole:  # one embedding of the whole image for all the prompts of the call, made when first needed
+        x, input_size, original_size = model.prepare_image(image)
+        whole.update(embedding=model.embed(x), input_size=input_size, original_size=original_size)
+    (first,) = decode_prompts(model, whole["embedding"], [items[i] for i in cut], mode, input_size=whole["input_size"],
+                              original_size=whole["original_size"], multimask=multimask,
+                              stability_offset=stability_offset, chunk=len(cut), output=output)
+    again, again_windows, on_whole = [], [], {}
+    for j, i in enumerate(cut):
+        window = point_window(items[i], mode, first.masks[j], (h, w), cfg)
+        if window is None:  # the whole image: first a step around the cut answer
+            on_whole[i] = j
+            window = _refined_window(items[i], mode, masks[i], (h, w), cfg)
+        if window != windows[i]:
+            again.append(i)
+            again_windows.append(window)
+        elif i in on_whole:
+            del on_whole[i]
+    if again:
+        new = _segment_in_windows(model, image, [items[i] for i in again], again_windows, mode, multimask,
+                                  stability_offset, output)
+        for k, (i, window) in enumerate(zip(again, again_windows, strict=True)):
+            j = on_whole.get(i)
+            if j is None or border_share(new[0][k], window, (h, w)) <= HOLD_BORDER_SHARE:
+                masks[i], scores[i], stability[i] = new[0][k], new[1][k], new[2][k]
+            else:
+                masks[i], scores[i], stability[i] = first.masks[j], first.pred_iou[j], first.stability[j]
+    return masks, scores, stability
+
+
 @torch.no_grad()
 def decode_prompts_zoomed(
     model: PromptableSam,
@@ -165,12 +274,12 @@ def decode_prompts_zoomed(
         chunk = crops_per_call(model, (h, w), cfg.memory_budget_gb)
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    whole: dict = {}
     for start in range(0, len(prompts), chunk):
         sl = slice(start, start + chunk)
         items = prompts[sl]
-        windows = [prompt_window(_extent(p, mode), (h, w), cfg, is_box=mode == "box") for p in items]
-        masks, scores, stability = _segment_in_windows(model, image, items, windows, mode, multimask,
-                                                       stability_offset, output)
+        masks, scores, stability = _first_round(model, image, items, mode, multimask, cfg, stability_offset,
+                                                output, whole)
         rounds = [cfg.rounds(mode, 0 if mode == "box" else len(p[mode]["points"])) for p in items]
         for r in range(max(rounds, default=0)):
             active = [i for i, n in enumerate(rounds) if n > r]

@@ -61,11 +61,18 @@ def dataset_root(d: DictConfig, where: str = "data") -> Path:
         raise ValueError(f"{where}.root is not set: pass {where}.root=DIR (see README: your own dataset)")
     root = Path(hydra.utils.to_absolute_path(str(d.root)))
     if d.get("generator"):
-        from samtune.data import synthetic_medical, synthetic_pcb, synthetic_scenes, synthetic_volumes
+        from samtune.data import (
+            synthetic_large,
+            synthetic_medical,
+            synthetic_pcb,
+            synthetic_scenes,
+            synthetic_volumes,
+        )
 
         makers = {
             "pcb": synthetic_pcb.ensure_pcb_dataset,
             "medical": synthetic_medical.ensure_medical_dataset,
+            "large": synthetic_large.ensure_large_dataset,
             "scenes": synthetic_scenes.ensure_scenes_dataset,
             "volumes": synthetic_volumes.ensure_volume_dataset,
         }

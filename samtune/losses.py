@@ -71,6 +71,25 @@ class LossOutput:
     true_iou: torch.Tensor
 
 
+# The mask terms of the two losses starting weights are trained with (configs/loss/<name>.yaml spell them out):
+# SAM's (20 focal with alpha 0.25, gamma 2, + 1 dice; the official checkpoints) and BCE + dice (1:1; the sam_tiny
+# generalist). Each fixes where a mask's edge falls: with alpha 0.25 a pixel is foreground only when it is about three
+# times likelier foreground than not, with BCE when it is likelier at all. Fine-tuning with the other loss first moves
+# every edge (configs/model/*.yaml: pretrain_loss; README, "Which loss").
+LOSS_PRESETS: dict[str, dict[str, float]] = {
+    "sam": {"focal_weight": 20.0, "dice_weight": 1.0, "focal_alpha": 0.25, "focal_gamma": 2.0},
+    "bce_dice": {"focal_weight": 1.0, "dice_weight": 1.0, "focal_alpha": -1.0, "focal_gamma": 0.0},
+}
+
+
+def loss_preset_name(params) -> str | None:
+    """The preset (``sam`` or ``bce_dice``) whose mask terms ``params`` (a loss config) has, or None."""
+    for name, preset in LOSS_PRESETS.items():
+        if all(float(params.get(k, float("nan"))) == v for k, v in preset.items()):
+            return name
+    return None
+
+
 class SamLoss(nn.Module):
     """Weighted focal + dice + IoU-MSE with SAM's multimask rule.
 
@@ -96,6 +115,13 @@ class SamLoss(nn.Module):
                 raise ValueError(f"loss.{name} must be >= 0, got {value}")
         self.focal_weight, self.dice_weight, self.iou_weight = focal_weight, dice_weight, iou_weight
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    @classmethod
+    def preset(cls, name: str, iou_weight: float = 1.0) -> SamLoss:
+        """The loss of :data:`LOSS_PRESETS` ``name`` (config ``loss=pretrained``: ``name`` is ``model.pretrain_loss``)."""
+        if name not in LOSS_PRESETS:
+            raise ValueError(f"model.pretrain_loss: unknown loss {name!r}; known: {', '.join(LOSS_PRESETS)}")
+        return cls(iou_weight=iou_weight, **LOSS_PRESETS[name])
 
     def forward(
         self, logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, *, multimask: bool

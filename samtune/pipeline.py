@@ -26,6 +26,7 @@ from samtune.data.records import ImageRecord
 from samtune.data.sources import build_records
 from samtune.evaluation.evaluator import evaluate_model
 from samtune.evaluation.job import MAIN, EvalJob, EvalSet, report_metrics, validation_prompts, zoom_config
+from samtune.losses import loss_preset_name
 from samtune.model.checkpoint import load_sam_weights, save_sam_weights
 from samtune.model.factory import build_model
 from samtune.model.lora import has_lora, merge_lora
@@ -174,6 +175,25 @@ def eval_sets(cfg: DictConfig, root: Path, records: dict, skipped: list[dict]) -
     return sets
 
 
+def check_loss(cfg: DictConfig) -> str | None:
+    """Warn when fine-tuning with another loss than the starting weights were trained with (``model.pretrain_loss``).
+
+    Returns the warning (None when the losses agree, or when either is unknown).
+    """
+    pretrain = cfg.model.get("pretrain_loss")
+    loss = cfg.get("loss")
+    if not pretrain or loss is None or not cfg.model.get("checkpoint"):
+        return None
+    used = str(loss.name) if "name" in loss else loss_preset_name(loss)
+    if used is None or used == str(pretrain):
+        return None
+    message = (f"fine-tuning with loss '{used}' but the starting weights of model={cfg.model.type} were trained with "
+               f"'{pretrain}' (model.pretrain_loss): the first steps move every mask's edge (with sam's focal alpha "
+               f"0.25 masks shrink) before anything is learned; loss=pretrained (or loss={pretrain}) uses their loss")
+    log.warning(message)
+    return message
+
+
 def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, resume_ckpt: Path | None,
         module_kwargs: dict | None = None) -> dict:
     """Fine-tune ``model`` in place; return the best validation score and checkpoint paths.
@@ -184,6 +204,7 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
     Under DDP every rank runs this; ranks other than global rank 0 return right after training.
     """
     precision = resolve_precision(cfg.trainer.precision)
+    check_loss(cfg)
     zoom_crop = OmegaConf.to_container(cfg.data.zoom_crop) if cfg.data.get("zoom_crop") else None
     # Frozen encoder: each image's embedding is computed once and read from disk afterwards (cache.*).
     cache, views = setup_embedding_cache(
@@ -240,7 +261,7 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
                                      modes=val_modes, start=start)
         log.info("Validation evaluates %s prompts with %s (up to %d instances per val image)",
                  "/".join(val_modes), zoom.describe(), per_image)
-    elif select == "min_gain":
+    elif select == "min_gain" and records["val_split"]:
         log.warning("eval.select=min_gain needs zoomed validation (eval.zoom); choosing by val/miou instead")
         select = "miou"
     callback_cfgs = dict(cfg.get("callbacks") or {})

@@ -94,3 +94,58 @@ def test_calibration_measures():
     assert spearman(x, x**2) == pytest.approx(1.0)
     assert expected_calibration_error(x, x) == pytest.approx(0.0, abs=1e-9)
     assert expected_calibration_error(x, 1 - x) > 0.3
+
+
+def _compose(*overrides: str):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(config_dir=str(root), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+def test_loss_config_files_spell_out_the_presets():
+    import hydra
+
+    from samtune.losses import LOSS_PRESETS, loss_preset_name
+
+    for name, preset in LOSS_PRESETS.items():
+        cfg = _compose(f"loss={name}")
+        assert loss_preset_name(cfg.loss) == name
+        loss = hydra.utils.instantiate(cfg.loss)
+        assert {k: getattr(loss, k) for k in preset} == preset
+
+
+@pytest.mark.parametrize(("model", "expected"), [("sam_tiny", "bce_dice"), ("vit_b", "sam"), ("vit_h", "sam")])
+def test_pretrained_loss_follows_the_model(model, expected):
+    import hydra
+
+    from samtune.losses import LOSS_PRESETS
+
+    cfg = _compose(f"model={model}", "model.checkpoint=x.pth", "loss=pretrained", "loss.iou_weight=5")
+    loss = hydra.utils.instantiate(cfg.loss)
+    assert {k: getattr(loss, k) for k in LOSS_PRESETS[expected]} == LOSS_PRESETS[expected]
+    assert loss.iou_weight == 5
+
+
+def test_pretrained_loss_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match="model.pretrain_loss"):
+        SamLoss.preset("l2")
+
+
+def test_a_loss_other_than_the_starting_weights_is_warned_about():
+    from samtune.pipeline import check_loss
+
+    # the embedded generalist was trained with BCE + dice: SAM's focal loss is named as the mismatch
+    message = check_loss(_compose("model=sam_tiny", "loss=sam", "model.checkpoint=g.pt"))
+    assert message is not None and "'sam'" in message and "'bce_dice'" in message
+    assert check_loss(_compose("model=sam_tiny", "loss=bce_dice", "model.checkpoint=g.pt")) is None
+    assert check_loss(_compose("model=sam_tiny", "loss=pretrained", "model.checkpoint=g.pt")) is None
+    assert check_loss(_compose("model=vit_b", "model.checkpoint=x.pth", "loss=bce_dice")) is not None
+    assert check_loss(_compose("model=vit_b", "model.checkpoint=x.pth", "loss=pretrained")) is None
+    # random starting weights have no loss to keep
+    assert check_loss(_compose("model=sam_tiny", "model.checkpoint=null", "loss=sam")) is None
+    # a loss of one's own (not a preset) is not second-guessed
+    assert check_loss(_compose("model=sam_tiny", "loss=sam", "loss.focal_alpha=0.5", "model.checkpoint=g.pt")) is None

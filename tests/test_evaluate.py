@@ -153,6 +153,12 @@ def test_evaluate_model_clicks_auto_and_calibration(blobs, tmp_path):
     assert len(rows) == n and all(len(r["ious"]) == 3 and len(r["prompt"]["points"]) == 3 for r in rows)
     assert rows[0]["prompt"]["points"][0] == prompts[rows[0]["image"]][0]["point1"]["points"][0]
     assert len([r for r in result.rows if r["mode"] == "auto"]) == n
+    assert auto["filters"]["candidates"] == 3 * 4 * len(records) and "why_no_masks" not in auto
+    # thresholds no mask reaches: the summary (and so report.json / report.md) says which filter removed them
+    none = evaluate_model(model, records, prompts, name="zero_shot", modes=["auto"],
+                          auto_params={"points_per_side": 2, "pred_iou_thresh": 1.5})
+    assert none.summary["auto"]["n_pred"] == 0 and none.summary["auto"]["filters"]["passed_pred_iou"] == 0
+    assert "eval.auto.pred_iou_thresh=1.5" in none.summary["auto"]["why_no_masks"]
     assert (tmp_path / "maps" / f"{records[0].rel_path}.png").is_file()  # box-mode instance map for overlays
     with pytest.raises(ValueError, match="clicks does not support eval.zoom"):
         evaluate_model(model, records, prompts, name="x", modes=["clicks"], zoom=ZoomConfig())

@@ -17,8 +17,7 @@ from samtune.evaluation.evaluator import evaluate_model
 from samtune.evaluation.job import zoom_config
 from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
 from samtune.inference.segment import MaskPrediction, segment_prompts
-from samtune.model import ARCHITECTURES, PromptableSam, build_model, build_sam_from_arch
-from samtune.model import memory
+from samtune.model import ARCHITECTURES, PromptableSam, build_model, build_sam_from_arch, memory
 from samtune.model.memory import MAX_CROPS, crop_bytes, crops_per_call, encoder_activation_bytes
 from samtune.prompts import make_instance_prompts
 from tests.blob_data import write_blob_dataset

@@ -146,3 +146,45 @@ def test_prompt_file_errors(setup):
     with pytest.raises(ValueError, match="prompts= is required"):
         predict(_cfg(*base[:3], f"out={tmp / 'never'}"))
     assert not (tmp / "never").exists()
+
+
+def test_auto_mode_that_keeps_nothing_says_why(setup, caplog):
+    """Thresholds no mask of this model reaches: 0 masks, and the log and predict_run.json say which filter
+    removed them and the best values seen (not empty files without a word)."""
+    tmp, images, ckpt, _ = setup
+    out = tmp / "out_auto_none"
+    with caplog.at_level("WARNING"):
+        summary = predict(_cfg(f"ckpt={ckpt}", f"input={images / 'top.png'}", "mode=auto", f"out={out}",
+                               "auto.points_per_side=3", "auto.pred_iou_thresh=1.5"))
+    assert summary["masks"] == 0
+    marker = json.loads((out / "predict_run.json").read_text())
+    f = marker["filters"]
+    assert f["candidates"] == 3 * 9 and f["passed_pred_iou"] == 0 and f["best_pred_iou"] < 1.5
+    why = marker["why_no_masks"]
+    assert "auto.pred_iou_thresh=1.5" in why and f"best seen {f['best_pred_iou']}" in why
+    assert why in caplog.text
+
+
+def test_auto_mode_counts_its_filters_and_keeps_what_segment_anything_keeps(setup):
+    """The counting generator keeps exactly the masks of segment_anything's own, with and without crop layers;
+    a crop layer where no mask survives does not stop the run (segment_anything fails on it)."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from samtune.data.io import load_image
+    from samtune.evaluation.auto import build_mask_generator, generate_masks
+
+    tmp, images, ckpt, _ = setup
+    model = build_model("sam_tiny", checkpoint=str(ckpt))
+    image = load_image(images / "top.png")
+    for params in ({"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.5},
+                   {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0, "crop_n_layers": 1}):
+        ours = build_mask_generator(model, params)
+        theirs = SamAutomaticMaskGenerator(model.sam, output_mode="coco_rle", **params)
+        mine, ref = generate_masks(ours, image), generate_masks(theirs, image)
+        assert [m["segmentation"]["counts"] for m in mine] == [m["segmentation"]["counts"] for m in ref]
+        stats = ours.stats.as_dict()
+        crops = 1 + 4 * params.get("crop_n_layers", 0)
+        assert stats["candidates"] == 3 * 16 * crops and stats["passed_pred_iou"] == stats["candidates"]
+        assert len(mine) <= stats["passed_both"] <= stats["candidates"]
+    nothing = build_mask_generator(model, {"points_per_side": 4, "pred_iou_thresh": 1.5, "crop_n_layers": 1})
+    assert generate_masks(nothing, image) == [] and nothing.stats.as_dict()["passed_pred_iou"] == 0

@@ -10,12 +10,15 @@ recall.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.utils.amg import MaskData, calculate_stability_score
 
 from samtune.metrics import mask_iou_matrix, match_one_to_one
 from samtune.model.promptable_sam import PromptableSam
@@ -28,8 +31,103 @@ AMG_PARAMS = (
 MATCH_IOU = 0.5
 
 
-def build_mask_generator(model: PromptableSam, params: Mapping | None = None) -> SamAutomaticMaskGenerator:
-    """A :class:`SamAutomaticMaskGenerator` on ``model.sam`` with the given parameters.
+@dataclass
+class FilterStats:
+    """What the predicted-IoU and stability filters of automatic mask generation did, over every image since the
+    generator was built: the figures a user needs when nothing is kept (thresholds that do not fit the model).
+
+    Attributes:
+        candidates: Masks decoded (3 per grid point, every crop).
+        passed_iou: Of those, masks with predicted IoU above ``pred_iou_thresh``.
+        passed_both: Of those, masks with stability score at least ``stability_score_thresh`` (before the
+            crop-edge filter and NMS).
+        best_pred_iou: Highest predicted IoU of any candidate.
+        best_stability: Highest stability score of any candidate.
+        best_stability_passing_iou: Highest stability score of a candidate that passed the IoU filter.
+    """
+
+    candidates: int = 0
+    passed_iou: int = 0
+    passed_both: int = 0
+    best_pred_iou: float = -math.inf
+    best_stability: float = -math.inf
+    best_stability_passing_iou: float = -math.inf
+
+    def update(self, pred_iou: torch.Tensor, stability: torch.Tensor, iou_thresh: float, stability_thresh: float) -> None:
+        pred_iou, stability = pred_iou.float().flatten().cpu(), stability.float().flatten().cpu()
+        stability = torch.nan_to_num(stability, nan=0.0)  # an empty mask at both thresholds: not stable
+        if pred_iou.numel() == 0:
+            return
+        passed = pred_iou > iou_thresh if iou_thresh > 0 else torch.ones_like(pred_iou, dtype=torch.bool)
+        both = passed & (stability >= stability_thresh) if stability_thresh > 0 else passed
+        self.candidates += int(pred_iou.numel())
+        self.passed_iou += int(passed.sum())
+        self.passed_both += int(both.sum())
+        self.best_pred_iou = max(self.best_pred_iou, float(pred_iou.max()))
+        self.best_stability = max(self.best_stability, float(stability.max()))
+        if bool(passed.any()):
+            self.best_stability_passing_iou = max(self.best_stability_passing_iou, float(stability[passed].max()))
+
+    def as_dict(self) -> dict:
+        def num(v: float) -> float | None:
+            return None if math.isinf(v) else round(v, 4)
+
+        return {"candidates": self.candidates, "passed_pred_iou": self.passed_iou, "passed_both": self.passed_both,
+                "best_pred_iou": num(self.best_pred_iou), "best_stability": num(self.best_stability),
+                "best_stability_passing_pred_iou": num(self.best_stability_passing_iou)}
+
+    def explain(self, pred_iou_thresh: float, stability_thresh: float, where: str) -> str:
+        """Why no mask was kept, naming the thresholds (config keys under ``where``) and the best values seen."""
+        d = self.as_dict()
+        if not self.candidates:
+            return "automatic mask generation decoded no candidate mask (no image, or an empty point grid)"
+        text = (f"automatic mask generation kept no mask: of {d['candidates']} candidate masks, {d['passed_pred_iou']} "
+                f"had predicted IoU above {where}.pred_iou_thresh={pred_iou_thresh:g} (best seen {d['best_pred_iou']})"
+                f" and {d['passed_both']} of those stability >= {where}.stability_score_thresh={stability_thresh:g}")
+        if d["best_stability_passing_pred_iou"] is not None:
+            text += f" (best among them {d['best_stability_passing_pred_iou']})"
+        text += (f"; best stability of any candidate {d['best_stability']}. The thresholds do not fit this model's "
+                 "scores: lower them (SAM's 0.88 / 0.95 fit the official checkpoints)")
+        if d["passed_both"]:
+            text += ", or check the crop-edge filter and NMS (masks passed both thresholds)"
+        return text
+
+
+class MaskGenerator(SamAutomaticMaskGenerator):
+    """segment_anything's generator, unchanged in what it keeps, that also counts what its filters do
+    (:class:`FilterStats` in ``stats``) and keeps working when a crop layer keeps no mask at all."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.stats = FilterStats()
+
+    def _process_batch(self, points, im_size, crop_box, orig_size) -> MaskData:
+        predict = self.predictor.predict_torch
+
+        def counted(*args, **kwargs):
+            masks, iou_preds, low_res = predict(*args, **kwargs)
+            stability = calculate_stability_score(masks.flatten(0, 1), self.predictor.model.mask_threshold,
+                                                  self.stability_score_offset)
+            self.stats.update(iou_preds.flatten(0, 1), stability, self.pred_iou_thresh, self.stability_score_thresh)
+            return masks, iou_preds, low_res
+
+        self.predictor.predict_torch = counted
+        try:
+            return super()._process_batch(points, im_size, crop_box, orig_size)
+        finally:
+            del self.predictor.predict_torch  # the bound method of the class again
+
+    def _process_crop(self, image, crop_box, crop_layer_idx, orig_size) -> MaskData:
+        data = super()._process_crop(image, crop_box, crop_layer_idx, orig_size)
+        if len(data["rles"]) == 0:
+            # segment_anything builds an empty crop_boxes of shape (0,), on which the crop NMS fails
+            data["crop_boxes"] = torch.zeros((0, 4))
+        return data
+
+
+def build_mask_generator(model: PromptableSam, params: Mapping | None = None) -> MaskGenerator:
+    """A :class:`MaskGenerator` (segment_anything's ``SamAutomaticMaskGenerator``) on ``model.sam`` with the given
+    parameters.
 
     Raises:
         ValueError: an unknown parameter (the message lists the valid ones).
@@ -40,7 +138,7 @@ def build_mask_generator(model: PromptableSam, params: Mapping | None = None) ->
         raise ValueError(f"automatic mask generation: unknown parameters {unknown}; valid: {list(AMG_PARAMS)}")
     # COCO RLE out: "binary_mask" would decode every kept mask of an image at full size at once (hundreds of
     # masks of a large image: gigabytes), and every caller stores or matches RLEs anyway
-    return SamAutomaticMaskGenerator(model.sam, output_mode="coco_rle", **params)
+    return MaskGenerator(model.sam, output_mode="coco_rle", **params)
 
 
 def generate_masks(generator: SamAutomaticMaskGenerator, image: np.ndarray) -> list[dict]:

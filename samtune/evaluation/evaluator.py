@@ -174,6 +174,13 @@ def evaluate_model(
     for mode, tally in tallies.items():
         result.summary[mode] = _summarize(mode, tally, max_clicks)
         result.calibration[mode] = calibration(np.asarray(tally.pred_iou), np.asarray(tally.true_iou))
+    if generator is not None:
+        # what the predicted-IoU and stability filters did; a run that keeps nothing says why
+        result.summary["auto"]["filters"] = generator.stats.as_dict()
+        if tallies["auto"].n_pred == 0 and records:
+            why = generator.stats.explain(generator.pred_iou_thresh, generator.stability_score_thresh, "eval.auto")
+            result.summary["auto"]["why_no_masks"] = why
+            log.warning("%s (%s)", why, name)
     model.train(was_training)
     return result
 

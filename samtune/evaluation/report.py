@@ -165,6 +165,14 @@ def _auto_section(results: dict[str, EvalResult]) -> list[str]:
     for n, s in auto.items():
         lines.append(f"| {n} | {_fmt(s['miou'])} | {_fmt(s['precision50'])} | {_fmt(s['recall50'])} | "
                      f"{_fmt(s['f1_50'])} | {s['n_pred']} | {s['n']} |")
+    for n, s in auto.items():
+        f = s.get("filters")
+        if f:
+            lines += ["", f"{n}: {f['candidates']} candidate masks, {f['passed_pred_iou']} above the predicted-IoU "
+                      f"threshold, {f['passed_both']} of those above the stability threshold (best predicted IoU "
+                      f"{f['best_pred_iou']}, best stability {f['best_stability']})."]
+        if s.get("why_no_masks"):
+            lines += ["", f"**{n}: {s['why_no_masks']}.**"]
     return lines + [""]
 
 

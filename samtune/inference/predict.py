@@ -74,6 +74,13 @@ def predict(cfg: DictConfig) -> dict:
         write_image_outputs(out, key, image, preds, info)
         n_masks += len(preds)
     summary = {"images": len(inputs), "masks": n_masks, "out": str(out)}
-    write_marker(out, settings, {"finished": True, "images": len(inputs), "masks": n_masks})
+    marker = {"finished": True, "images": len(inputs), "masks": n_masks}
+    if generator is not None:
+        marker["filters"] = summary["filters"] = generator.stats.as_dict()
+        if n_masks == 0 and inputs:
+            why = generator.stats.explain(generator.pred_iou_thresh, generator.stability_score_thresh, "auto")
+            marker["why_no_masks"] = summary["why_no_masks"] = why
+            log.warning(why)
+    write_marker(out, settings, marker)
     log.info("Wrote %d masks of %d images to %s", n_masks, len(inputs), out)
     return summary

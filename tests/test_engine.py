@@ -165,6 +165,23 @@ def engine_run(tmp_path_factory):
     return tmp, run_dir
 
 
+def test_a_round_that_keeps_nothing_says_why(tmp_path):
+    """Thresholds no proposal reaches: the round keeps 0 masks and the log names the thresholds and the best
+    predicted IoU and stability any proposal reached (in the report too)."""
+    write_blob_dataset(tmp_path / "blobs", {"train": 4, "val": 1, "test": 1})
+    run_dir = tmp_path / "run"
+    args = [a for a in _engine_args(tmp_path, run_dir, "engine.semi.enabled=false", "trainer.max_epochs=1")
+            if not a.startswith("engine.pred_iou_thresh")]
+    proc = subprocess.run([*args, "engine.pred_iou_thresh=1.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rounds = json.loads((run_dir / "report.json").read_text())["engine"]["rounds"]
+    pseudo = [r for r in rounds if r["stage"] == "pseudo_label"][0]
+    assert pseudo["kept"] == 0 and pseudo["proposed"] > 0 and pseudo["best_pred_iou"] < 1.5
+    log = proc.stdout + proc.stderr
+    assert "keeps no proposal" in log and f"best predicted IoU was {pseudo['best_pred_iou']:.3f}" in log
+    assert "'pred_iou_thresh': 1.5" in log
+
+
 def test_engine_runs_every_stage_and_reports_rounds(engine_run):
     _, run_dir = engine_run
     report = json.loads((run_dir / "report.json").read_text())
@@ -175,6 +192,7 @@ def test_engine_runs_every_stage_and_reports_rounds(engine_run):
     assert report["engine"]["labeled_images"] == 2 and report["engine"]["unlabeled_images"] == 6
     assert rounds[2]["proposed"] == rounds[2]["kept"] + rounds[2]["rejected"] > 0
     assert 0 <= rounds[2]["kept_hidden_iou"] <= 1
+    assert rounds[2]["best_pred_iou"] is not None and rounds[2]["best_stability"] is not None
     md = (run_dir / "report.md").read_text()
     assert "## Data engine" in md and "| 2 | pseudo_label |" in md and (run_dir / "engine_rounds.png").is_file()
     split = json.loads((run_dir / "engine" / "split.json").read_text())

@@ -141,12 +141,21 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
                 quality = hidden_label_iou(unlabeled, kept, binary) if engine.get("measure_hidden_labels", True) else []
                 write_pseudo_labels(path, unlabeled, kept, round_index=k, stage=stage, model_hash=model_hash,
                                     thresholds=thresholds, root=root)
+                every = [m for ms in proposals.values() for m in ms]
                 atomic_write_json(rdir / "pseudo_stats.json", {
                     "proposed": n_prop, "kept": n_kept, "rejected": n_prop - n_kept, "thresholds": thresholds.as_dict(),
                     "kept_hidden_iou": (sum(quality) / len(quality)) if quality else None,
                     "images_with_masks": sum(1 for v in kept.values() if v),
+                    # the best scores any proposal reached: why a round keeps nothing
+                    "best_pred_iou": max((m.predicted_iou for m in every), default=None),
+                    "best_stability": max((m.stability_score for m in every), default=None),
                 })
             info.update(read_json(rdir / "pseudo_stats.json"))
+            if info["kept"] == 0:
+                log.warning("Round %d (%s) keeps no proposal: of %d, the best predicted IoU was %s and the best "
+                            "stability %s against thresholds %s; lower them, or engine.thresholds_from_val=true "
+                            "chooses them on the validation split", k, stage, info["proposed"],
+                            _fmt(info.get("best_pred_iou")), _fmt(info.get("best_stability")), thresholds.as_dict())
             extra = pseudo_records(path, unlabeled, weight=weight, kind=kind)
             log.info("Round %d (%s): %d of %d proposed masks kept on %d images", k, stage, info["kept"],
                      info["proposed"], len(extra))
@@ -163,3 +172,7 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
         rounds.append(info)
     atomic_write_json(edir / "FINISHED.json", {"rounds": len(stages)})
     return {"rounds": rounds, "labeled": len(labeled), "unlabeled": len(unlabeled)}
+
+
+def _fmt(v: float | None) -> str:
+    return "none" if v is None else f"{v:.3f}"

@@ -221,7 +221,8 @@ def engine_json(engine: dict, zero_shot: EvalResult | None) -> dict:
     rounds = []
     for r in engine["rounds"]:
         entry = {"round": r["round"], "stage": r["stage"], **{f"{m}_miou": v for m, v in (r.get("test") or {}).items()}}
-        for key in ("proposed", "kept", "rejected", "kept_hidden_iou", "thresholds", "threshold_choice", "n_train_images"):
+        for key in ("proposed", "kept", "rejected", "kept_hidden_iou", "best_pred_iou", "best_stability", "thresholds",
+                    "threshold_choice", "n_train_images"):
             if key in r:
                 entry[key] = r[key]
         rounds.append(entry)

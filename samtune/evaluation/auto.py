@@ -42,8 +42,8 @@ class FilterStats:
         passed_both: Of those, masks with stability score at least ``stability_score_thresh`` (before the
             crop-edge filter and NMS).
         best_pred_iou: Highest predicted IoU of any candidate.
-        best_stability: Highest stability score of any candidate.
-        best_stability_passing_iou: Highest stability score of a candidate that passed the IoU filter.
+        best_stability: Highest stability score of a candidate that passed the IoU filter (the only ones whose
+            stability the generator computes; with ``stability_score_thresh`` 0, of those it kept).
     """
 
     candidates: int = 0
@@ -51,30 +51,28 @@ class FilterStats:
     passed_both: int = 0
     best_pred_iou: float = -math.inf
     best_stability: float = -math.inf
-    best_stability_passing_iou: float = -math.inf
 
-    def update(self, pred_iou: torch.Tensor, stability: torch.Tensor, iou_thresh: float, stability_thresh: float) -> None:
-        pred_iou, stability = pred_iou.float().flatten().cpu(), stability.float().flatten().cpu()
-        stability = torch.nan_to_num(stability, nan=0.0)  # an empty mask at both thresholds: not stable
-        if pred_iou.numel() == 0:
-            return
-        passed = pred_iou > iou_thresh if iou_thresh > 0 else torch.ones_like(pred_iou, dtype=torch.bool)
-        both = passed & (stability >= stability_thresh) if stability_thresh > 0 else passed
-        self.candidates += int(pred_iou.numel())
-        self.passed_iou += int(passed.sum())
-        self.passed_both += int(both.sum())
-        self.best_pred_iou = max(self.best_pred_iou, float(pred_iou.max()))
-        self.best_stability = max(self.best_stability, float(stability.max()))
-        if bool(passed.any()):
-            self.best_stability_passing_iou = max(self.best_stability_passing_iou, float(stability[passed].max()))
+    def add_scores(self, pred_iou: torch.Tensor, passed: torch.Tensor) -> None:
+        """Count one batch of candidates by predicted IoU (``passed``: those above the threshold)."""
+        if pred_iou.numel():
+            self.candidates += int(pred_iou.numel())
+            self.passed_iou += int(passed.sum())
+            self.best_pred_iou = max(self.best_pred_iou, float(pred_iou.max()))
+
+    def add_stability(self, stability: torch.Tensor, passed: int) -> None:
+        """Count the stability scores of candidates that passed the IoU filter (``passed`` of them also pass
+        the stability threshold)."""
+        stability = torch.nan_to_num(stability.float(), nan=0.0)  # an empty mask at both thresholds: not stable
+        self.passed_both += passed
+        if stability.numel():
+            self.best_stability = max(self.best_stability, float(stability.max()))
 
     def as_dict(self) -> dict:
         def num(v: float) -> float | None:
             return None if math.isinf(v) else round(v, 4)
 
         return {"candidates": self.candidates, "passed_pred_iou": self.passed_iou, "passed_both": self.passed_both,
-                "best_pred_iou": num(self.best_pred_iou), "best_stability": num(self.best_stability),
-                "best_stability_passing_pred_iou": num(self.best_stability_passing_iou)}
+                "best_pred_iou": num(self.best_pred_iou), "best_stability": num(self.best_stability)}
 
     def explain(self, pred_iou_thresh: float, stability_thresh: float, where: str) -> str:
         """Why no mask was kept, naming the thresholds (config keys under ``where``) and the best values seen."""
@@ -84,10 +82,9 @@ class FilterStats:
         text = (f"automatic mask generation kept no mask: of {d['candidates']} candidate masks, {d['passed_pred_iou']} "
                 f"had predicted IoU above {where}.pred_iou_thresh={pred_iou_thresh:g} (best seen {d['best_pred_iou']})"
                 f" and {d['passed_both']} of those stability >= {where}.stability_score_thresh={stability_thresh:g}")
-        if d["best_stability_passing_pred_iou"] is not None:
-            text += f" (best among them {d['best_stability_passing_pred_iou']})"
-        text += (f"; best stability of any candidate {d['best_stability']}. The thresholds do not fit this model's "
-                 "scores: lower them (SAM's 0.88 / 0.95 fit the official checkpoints)")
+        if d["best_stability"] is not None:
+            text += f" (best among them {d['best_stability']})"
+        text += ". The thresholds do not fit this model's scores: lower them (SAM's 0.88 / 0.95 fit the official checkpoints)"
         if d["passed_both"]:
             text += ", or check the crop-edge filter and NMS (masks passed both thresholds)"
         return text
@@ -95,7 +92,12 @@ class FilterStats:
 
 class MaskGenerator(SamAutomaticMaskGenerator):
     """segment_anything's generator, unchanged in what it keeps, that also counts what its filters do
-    (:class:`FilterStats` in ``stats``) and keeps working when a crop layer keeps no mask at all."""
+    (:class:`FilterStats` in ``stats``) and keeps working when a crop layer keeps no mask at all.
+
+    Counting costs no mask work the generator does not do anyway: predicted IoU comes with every decoded batch, and
+    stability is computed (as the generator does) only for masks above the IoU threshold, and not at all when
+    ``stability_score_thresh`` is 0 (then the kept masks carry it).
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -106,16 +108,25 @@ class MaskGenerator(SamAutomaticMaskGenerator):
 
         def counted(*args, **kwargs):
             masks, iou_preds, low_res = predict(*args, **kwargs)
-            stability = calculate_stability_score(masks.flatten(0, 1), self.predictor.model.mask_threshold,
-                                                  self.stability_score_offset)
-            self.stats.update(iou_preds.flatten(0, 1), stability, self.pred_iou_thresh, self.stability_score_thresh)
+            scores = iou_preds.flatten(0, 1)
+            passed = (scores > self.pred_iou_thresh if self.pred_iou_thresh > 0
+                      else torch.ones_like(scores, dtype=torch.bool))
+            self.stats.add_scores(scores, passed)
+            if self.stability_score_thresh > 0 and bool(passed.any()):
+                stability = calculate_stability_score(masks.flatten(0, 1)[passed], self.predictor.model.mask_threshold,
+                                                      self.stability_score_offset)
+                self.stats.add_stability(stability, int((stability >= self.stability_score_thresh).sum()))
             return masks, iou_preds, low_res
 
         self.predictor.predict_torch = counted
         try:
-            return super()._process_batch(points, im_size, crop_box, orig_size)
+            data = super()._process_batch(points, im_size, crop_box, orig_size)
         finally:
             del self.predictor.predict_torch  # the bound method of the class again
+        if self.stability_score_thresh <= 0:  # no stability filter: every IoU-passing mask passes both
+            passed = int(self.stats.passed_iou - self.stats.passed_both)
+            self.stats.add_stability(data["stability_score"], passed)
+        return data
 
     def _process_crop(self, image, crop_box, crop_layer_idx, orig_size) -> MaskData:
         data = super()._process_crop(image, crop_box, crop_layer_idx, orig_size)

@@ -41,3 +41,29 @@ def blob_args(root: Path) -> list[str]:
     """Overrides that point a ``tiny_args`` run at a blob dataset (instead of the generated PCB boards)."""
     return [f"data.root={root}", "data.generator=null", "data.augment=none", "eval.overlays=1",
             "eval.worst=1"]
+
+
+DISC_CENTRES = ((30, 30), (100, 40), (160, 60), (50, 120), (120, 130), (170, 170), (40, 170), (90, 85))
+
+
+def small_discs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 192-px image of eight discs 13 px across on a noisy dark background (objects a few pixels wide in a 256-px
+    model input), and its instance map (ids 1..8)."""
+    rng = np.random.default_rng(seed)
+    image = (40 + rng.integers(0, 20, (192, 192, 3))).astype(np.uint8)
+    instances = np.zeros((192, 192), np.int32)
+    for i, (x, y) in enumerate(DISC_CENTRES, start=1):
+        cv2.circle(instances, ((x + 7 * seed) % 180 + 6, y), 6, i, -1)
+    image[instances > 0] = (220, 200, 80)
+    return image, instances
+
+
+def write_disc_dataset(root: Path, split: str, n: int) -> Path:
+    """``root/{split}/images|masks`` with ``n`` images of :func:`small_discs` (seeds 0..n-1)."""
+    (root / split / "images").mkdir(parents=True, exist_ok=True)
+    (root / split / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image, instances = small_discs(i)
+        cv2.imwrite(str(root / split / "images" / f"discs_{i}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(root / split / "masks" / f"discs_{i}.png"), instances.astype(np.uint8))
+    return root

@@ -204,7 +204,8 @@ def test_evaluate_script_end_to_end(blobs, tmp_path):
     out = tmp_path / "eval_run"
     args = tiny_args(tmp_path, out, *blob_args(blobs), f"model.checkpoint={start}", f"finetuned={ckpt}",
                      "eval.modes=[box,point1,point1_oracle,clicks,auto]", "eval.max_clicks=2", "eval.auto.points_per_side=2",
-                     "eval.auto.pred_iou_thresh=0", "eval.auto.stability_score_thresh=0",
+                     "eval.auto.pred_iou_thresh=0", "eval.auto.stability_score_thresh=0", "eval.auto.zoom=null",
+                     "eval.auto.crop_n_layers=0",
                      "eval.split=train", f"eval.extra_sets=[{{name: other, root: '{blobs}', split: val, modes: [box]}}]")
     args[1] = str(ROOT / "scripts" / "evaluate.py")
     run(args)

@@ -17,7 +17,7 @@ from samtune.inference.outputs import OutputDirError
 from samtune.inference.predict import predict
 from samtune.inference.prompts_file import PromptFileError
 from samtune.model import build_model, save_sam_weights
-from tests.blob_data import write_blob_dataset
+from tests.blob_data import small_discs, write_blob_dataset
 from tests.test_train_e2e import ROOT, run
 
 
@@ -37,6 +37,10 @@ def setup(tmp_path_factory):
         "sub/test_1.png": {"boxes": [[0, 0, 20, 20]]},
     }))
     return tmp, images, ckpt, prompts
+
+
+# segment_anything's generator alone, on the whole image (sam_tiny's default adds crop layers and zoom: model.auto)
+PLAIN_AUTO = ("auto.zoom=null", "auto.crop_n_layers=0")
 
 
 def _digest(folder):
@@ -84,7 +88,8 @@ def test_auto_mode_writes_masks_largest_first(setup):
     tmp, images, ckpt, _ = setup
     out = tmp / "out_auto"
     summary = predict(_cfg(f"ckpt={ckpt}", f"input={images / 'top.png'}", "mode=auto", f"out={out}",
-                           "auto.points_per_side=3", "auto.pred_iou_thresh=0", "auto.stability_score_thresh=0"))
+                           "auto.points_per_side=3", "auto.pred_iou_thresh=0", "auto.stability_score_thresh=0",
+                           *PLAIN_AUTO))
     assert summary["images"] == 1 and summary["masks"] >= 1
     anns = json.loads((out / "top_coco.json").read_text())["annotations"]
     assert len(anns) == summary["masks"]
@@ -125,9 +130,9 @@ def test_output_folder_guards(setup):
     predict(_cfg(*base, f"out={out}"))
     predict(_cfg(*base, f"out={out}"))  # the same run again may write into its own folder
     with pytest.raises(OutputDirError, match="other settings"):
-        predict(_cfg(*base, f"out={out}", "auto.pred_iou_thresh=0.5"))
-    predict(_cfg(*base, f"out={out}", "auto.pred_iou_thresh=0.5", "overwrite=true"))
-    assert json.loads((out / "predict_run.json").read_text())["settings"]["auto"]["pred_iou_thresh"] == 0.5
+        predict(_cfg(*base, f"out={out}", "auto.pred_iou_thresh=0.42"))
+    predict(_cfg(*base, f"out={out}", "auto.pred_iou_thresh=0.42", "overwrite=true"))
+    assert json.loads((out / "predict_run.json").read_text())["settings"]["auto"]["pred_iou_thresh"] == 0.42
 
 
 def test_prompt_file_errors(setup):
@@ -155,7 +160,7 @@ def test_auto_mode_that_keeps_nothing_says_why(setup, caplog):
     out = tmp / "out_auto_none"
     with caplog.at_level("WARNING"):
         summary = predict(_cfg(f"ckpt={ckpt}", f"input={images / 'top.png'}", "mode=auto", f"out={out}",
-                               "auto.points_per_side=3", "auto.pred_iou_thresh=1.5"))
+                               "auto.points_per_side=3", "auto.pred_iou_thresh=1.5", *PLAIN_AUTO))
     assert summary["masks"] == 0
     marker = json.loads((out / "predict_run.json").read_text())
     f = marker["filters"]
@@ -188,3 +193,63 @@ def test_auto_mode_counts_its_filters_and_keeps_what_segment_anything_keeps(setu
         assert len(mine) <= stats["passed_both"] <= stats["candidates"]
     nothing = build_mask_generator(model, {"points_per_side": 4, "pred_iou_thresh": 1.5, "crop_n_layers": 1})
     assert generate_masks(nothing, image) == [] and nothing.stats.as_dict()["passed_pred_iou"] == 0
+
+
+def test_zoomed_auto_masks_find_objects_the_whole_image_misses():
+    """The shipped model on small discs: segment_anything's generator on the whole image keeps none of them at the
+    model's thresholds (model.auto); each candidate segmented again in 2x zoom finds every disc (one-to-one at
+    IoU >= 0.5), and the filters count the zoomed answers."""
+    from samtune.evaluation.auto import (
+        ZoomedMaskGenerator,
+        build_mask_generator,
+        encode_masks,
+        explain_no_masks,
+        filter_stats,
+        generate_masks,
+        match_to_ground_truth,
+    )
+
+    model = build_model("sam_tiny", checkpoint=str(ROOT / "data" / "checkpoints" / "sam_tiny_generalist.pt"))
+    image, instances = small_discs()
+    gt = encode_masks(instances == i for i in range(1, 9))
+    params = {"points_per_side": 6, "pred_iou_thresh": 0.5, "stability_score_thresh": 0.8}
+    plain = generate_masks(build_mask_generator(model, params), image)
+    assert match_to_ground_truth([m["segmentation"] for m in plain], gt).true_positives == 0
+    zoomed = build_mask_generator(model, {**params, "zoom": 2.0})
+    assert isinstance(zoomed, ZoomedMaskGenerator)
+    masks = generate_masks(zoomed, image)
+    match = match_to_ground_truth([m["segmentation"] for m in masks], gt)
+    assert match.true_positives == 8 and match.best_iou.mean() >= 0.7
+    assert [m["area"] for m in masks] == sorted((m["area"] for m in masks), reverse=True)
+    for m in masks:
+        assert m["predicted_iou"] > 0.5 and m["stability_score"] >= 0.8 and m["area"] > 0
+        x0, y0, x1, y1 = m["crop_box"]
+        assert 0 <= x0 < x1 <= 192 and 0 <= y0 < y1 <= 192
+    stats = filter_stats(zoomed)
+    assert stats["passed_both"] >= len(masks) and stats["candidates"] <= stats["candidates_grid"]["candidates"]
+    # nothing reaches the thresholds: the reason names them, with the zoomed answers' best scores
+    none = build_mask_generator(model, {**params, "zoom": 2.0, "pred_iou_thresh": 1.5})
+    assert generate_masks(none, image) == []
+    why = explain_no_masks(none, "auto")
+    assert "auto.pred_iou_thresh=1.5" in why and "2x zoom" in why
+    # no candidate at all: the candidate thresholds are named
+    no_candidates = build_mask_generator(model, {**params, "zoom": 2.0, "candidate_pred_iou_thresh": 1.5})
+    assert generate_masks(no_candidates, image) == []
+    assert "auto.candidate_pred_iou_thresh=1.5" in explain_no_masks(no_candidates, "auto")
+
+
+def test_auto_parameters_are_checked_and_follow_the_model():
+    """zoom must be a number >= 1 and unknown keys are named; sam_tiny's config zooms with its own thresholds,
+    the official models keep SAM's generator and values."""
+    from samtune.evaluation.auto import build_mask_generator
+
+    model = build_model("sam_tiny", seed=0)
+    with pytest.raises(ValueError, match="zoom must be null or a number >= 1"):
+        build_mask_generator(model, {"zoom": 0.5})
+    with pytest.raises(ValueError, match=r"unknown parameters \['points_per_sid'\]"):
+        build_mask_generator(model, {"points_per_sid": 4})
+    tiny = _cfg().auto
+    assert tiny.zoom == 2.0 and tiny.crop_n_layers == 2 and tiny.pred_iou_thresh < 0.88
+    official = _cfg("model=vit_b").auto
+    assert official.zoom is None and official.crop_n_layers == 0
+    assert (official.pred_iou_thresh, official.stability_score_thresh, official.points_per_side) == (0.88, 0.95, 32)

@@ -3,6 +3,13 @@
 The masks come from segment_anything's own :class:`SamAutomaticMaskGenerator` (a grid of point prompts,
 filtered by predicted IoU and stability score, de-duplicated by NMS) run on samtune's model; its
 parameters are the ``amg`` config group (``eval.auto`` for evaluation, ``auto`` for ``scripts/predict.py``).
+
+With ``zoom`` set (:class:`ZoomedMaskGenerator`), the generator's masks are only candidates: each candidate's box
+is segmented again in a crop of ``zoom`` times its extent (prompt-focused zoom, the ``eval.zoom`` box path), and
+the predicted-IoU / stability filters and NMS apply to those answers. Objects a few pixels wide in the whole image
+(nuclei, PCB defects) are segmented at a scale the model sees them, and the IoU head judges a mask where it can:
+on the shipped ``sam_tiny`` at ``nuclei`` the whole-image masks that match a nucleus have predicted IoU 0.21
+(median), the zoomed answers rank far better (README, "Segment everything").
 Evaluation matches them to the ground-truth instances: the best IoU of each ground-truth instance over all
 generated masks (its mean is the mode's mIoU), and a one-to-one matching at IoU >= 0.5 for precision and
 recall.
@@ -28,6 +35,8 @@ AMG_PARAMS = (
     "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio", "crop_n_points_downscale_factor",
     "min_mask_region_area",
 )
+# the prompt-focused zoom of ZoomedMaskGenerator (zoom: null or absent = segment_anything's generator alone)
+ZOOM_PARAMS = ("zoom", "candidate_pred_iou_thresh", "candidate_stability_thresh", "candidate_nms_thresh")
 MATCH_IOU = 0.5
 
 
@@ -136,23 +145,158 @@ class MaskGenerator(SamAutomaticMaskGenerator):
         return data
 
 
-def build_mask_generator(model: PromptableSam, params: Mapping | None = None) -> MaskGenerator:
-    """A :class:`MaskGenerator` (segment_anything's ``SamAutomaticMaskGenerator``) on ``model.sam`` with the given
-    parameters.
+class ZoomedMaskGenerator:
+    """Automatic masks segmented in prompt-focused zoom: :class:`MaskGenerator` proposes candidates (its own
+    filters and NMS set loose: ``candidate_*``), each candidate's box is segmented again in a square crop of
+    ``zoom`` times its extent resized to the model input (:func:`samtune.evaluation.zoom.decode_prompts_zoomed`,
+    the box path of ``eval.zoom``), and the answers are kept by predicted IoU (``pred_iou_thresh``) and stability
+    (``stability_score_thresh``), then de-duplicated by box NMS (``box_nms_thresh``), as segment_anything does with
+    its own masks.
+
+    It answers like the generator: ``generate(image)`` gives the same dicts (``point_coords`` is the grid point of
+    the candidate, ``crop_box`` the zoom window), ``stats`` counts the final filters (``candidate_stats`` the
+    candidates'). Costs one encoder call per candidate on top of the generator's (crops batched as memory allows).
+    """
+
+    def __init__(self, model: PromptableSam, *, zoom: float, pred_iou_thresh: float = 0.88,
+                 stability_score_thresh: float = 0.95, stability_score_offset: float = 1.0,
+                 box_nms_thresh: float = 0.7, candidate_pred_iou_thresh: float = 0.0,
+                 candidate_stability_thresh: float = 0.0, candidate_nms_thresh: float = 0.5,
+                 min_mask_region_area: int = 0, **amg) -> None:
+        from samtune.evaluation.zoom import ZoomConfig
+
+        self.model = model
+        self.zoom = ZoomConfig(context=float(zoom))  # validates (context >= 1)
+        self.pred_iou_thresh = float(pred_iou_thresh)
+        self.stability_score_thresh = float(stability_score_thresh)
+        self.stability_score_offset = float(stability_score_offset)
+        self.box_nms_thresh = float(box_nms_thresh)
+        self.min_mask_region_area = int(min_mask_region_area)
+        self.candidates = MaskGenerator(
+            model.sam, output_mode="coco_rle", pred_iou_thresh=float(candidate_pred_iou_thresh),
+            stability_score_thresh=float(candidate_stability_thresh), box_nms_thresh=float(candidate_nms_thresh),
+            stability_score_offset=self.stability_score_offset, **amg)
+        self.candidate_stats = self.candidates.stats
+        self.stats = FilterStats()
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> list[dict]:
+        from torchvision.ops import batched_nms
+
+        from samtune.evaluation.zoom import decode_prompts_zoomed, prompt_window
+
+        h, w = image.shape[:2]
+        candidates = self.candidates.generate(image)
+        if not candidates:
+            return []
+        # inclusive pixel boxes of the candidates (the way the evaluation's box prompts are made from masks)
+        prompts = [{"box": [x, y, x + max(bw - 1, 0), y + max(bh - 1, 0)]} for x, y, bw, bh in
+                   (c["bbox"] for c in candidates)]
+        kept: list[dict] = []
+        for pred in decode_prompts_zoomed(self.model, image, prompts, "box", multimask=False, cfg=self.zoom,
+                                          stability_offset=self.stability_score_offset):
+            passed = pred.pred_iou > self.pred_iou_thresh
+            self.stats.add_scores(pred.pred_iou, passed)
+            stable = pred.stability[passed] >= self.stability_score_thresh
+            self.stats.add_stability(pred.stability[passed], int(stable.sum()))
+            for j in torch.nonzero(passed).flatten()[stable].tolist():
+                i = pred.index.start + j
+                mask = pred.masks[j].numpy()
+                if not mask.any():
+                    continue
+                kept.append({"segmentation": encode_masks([mask])[0], "predicted_iou": float(pred.pred_iou[j]),
+                             "stability_score": float(pred.stability[j]), "point_coords": candidates[i]["point_coords"],
+                             "crop_box": list(prompt_window(tuple(prompts[i]["box"]), (h, w), self.zoom, is_box=True)),
+                             "candidate": i})
+        if not kept:
+            return []
+        if self.min_mask_region_area > 0:
+            kept = self._remove_small_regions(kept)
+            if not kept:
+                return []
+        xywh = torch.tensor([list(mask_utils.toBbox(m["segmentation"])) for m in kept], dtype=torch.float)
+        xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        scores = torch.tensor([m["predicted_iou"] for m in kept])
+        keep = batched_nms(xyxy, scores, torch.zeros(len(kept)), iou_threshold=self.box_nms_thresh)
+        out = []
+        for k in keep.tolist():
+            m = kept[k]
+            m["area"] = int(mask_utils.area(m["segmentation"]))
+            m["bbox"] = xywh[k].tolist()
+            out.append(m)
+        return out
+
+    def _remove_small_regions(self, kept: list[dict]) -> list[dict]:
+        """segment_anything's clean-up of small holes and islands, mask by mask."""
+        from segment_anything.utils.amg import remove_small_regions
+
+        out = []
+        for m in kept:
+            mask = mask_utils.decode(m["segmentation"]).astype(bool)
+            mask, _ = remove_small_regions(mask, self.min_mask_region_area, mode="holes")
+            mask, _ = remove_small_regions(mask, self.min_mask_region_area, mode="islands")
+            if mask.any():
+                out.append({**m, "segmentation": encode_masks([mask])[0]})
+        return out
+
+    def explain(self, where: str) -> str:
+        """Why no mask was kept (see :meth:`FilterStats.explain`), the candidates' side too."""
+        if not self.candidate_stats.candidates:
+            return "automatic mask generation decoded no candidate mask (no image, or an empty point grid)"
+        if not self.stats.candidates:
+            c = self.candidate_stats.as_dict()
+            return (f"automatic mask generation kept no candidate to zoom into: of {c['candidates']} grid masks, "
+                    f"{c['passed_pred_iou']} had predicted IoU above {where}.candidate_pred_iou_thresh="
+                    f"{self.candidates.pred_iou_thresh:g} (best seen {c['best_pred_iou']}) and {c['passed_both']} of "
+                    f"those stability >= {where}.candidate_stability_thresh={self.candidates.stability_score_thresh:g}"
+                    ". Lower the candidate thresholds")
+        return self.stats.explain(self.pred_iou_thresh, self.stability_score_thresh, where) + (
+            f" (scores of the {self.stats.candidates} candidates segmented in {self.zoom.context:g}x zoom)")
+
+
+def explain_no_masks(generator: MaskGenerator | ZoomedMaskGenerator, where: str) -> str:
+    """Why ``generator`` kept no mask, naming its thresholds under the config key ``where``."""
+    if isinstance(generator, ZoomedMaskGenerator):
+        return generator.explain(where)
+    return generator.stats.explain(generator.pred_iou_thresh, generator.stability_score_thresh, where)
+
+
+def filter_stats(generator: MaskGenerator | ZoomedMaskGenerator) -> dict:
+    """What the generator's filters did (``FilterStats.as_dict``; with zoom, of the zoomed answers, and the
+    candidates' under ``candidates``)."""
+    out = generator.stats.as_dict()
+    if isinstance(generator, ZoomedMaskGenerator):
+        out["candidates_grid"] = generator.candidate_stats.as_dict()
+    return out
+
+
+def build_mask_generator(model: PromptableSam, params: Mapping | None = None) -> MaskGenerator | ZoomedMaskGenerator:
+    """The automatic mask generator of ``params`` (config ``eval.auto`` / ``auto`` / ``engine.amg``) on ``model``:
+    segment_anything's ``SamAutomaticMaskGenerator`` (:class:`MaskGenerator`), or with ``zoom`` set its masks
+    segmented again in prompt-focused zoom (:class:`ZoomedMaskGenerator`).
 
     Raises:
-        ValueError: an unknown parameter (the message lists the valid ones).
+        ValueError: an unknown parameter (the message lists the valid ones), or ``zoom`` below 1.
     """
     params = dict(params or {})
-    unknown = sorted(set(params) - set(AMG_PARAMS))
+    unknown = sorted(set(params) - set(AMG_PARAMS) - set(ZOOM_PARAMS))
     if unknown:
-        raise ValueError(f"automatic mask generation: unknown parameters {unknown}; valid: {list(AMG_PARAMS)}")
+        raise ValueError(f"automatic mask generation: unknown parameters {unknown}; valid: "
+                         f"{list(AMG_PARAMS) + list(ZOOM_PARAMS)}")
+    zoom = params.pop("zoom", None)
+    if zoom is not None:
+        if isinstance(zoom, bool) or not isinstance(zoom, (int, float)) or zoom < 1:
+            raise ValueError(f"automatic mask generation: zoom must be null or a number >= 1 (the crop side as a "
+                             f"multiple of a candidate's extent), got {zoom!r}")
+        return ZoomedMaskGenerator(model, zoom=zoom, **params)
+    for key in ZOOM_PARAMS[1:]:
+        params.pop(key, None)  # candidate_* only apply with zoom
     # COCO RLE out: "binary_mask" would decode every kept mask of an image at full size at once (hundreds of
     # masks of a large image: gigabytes), and every caller stores or matches RLEs anyway
     return MaskGenerator(model.sam, output_mode="coco_rle", **params)
 
 
-def generate_masks(generator: SamAutomaticMaskGenerator, image: np.ndarray) -> list[dict]:
+def generate_masks(generator: SamAutomaticMaskGenerator | ZoomedMaskGenerator, image: np.ndarray) -> list[dict]:
     """Masks of ``image`` (H x W x 3 uint8 RGB), largest first.
 
     Returns:

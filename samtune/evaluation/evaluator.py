@@ -25,7 +25,14 @@ import torch
 
 from samtune.data import volumes
 from samtune.data.records import ImageRecord, load_record
-from samtune.evaluation.auto import build_mask_generator, encode_masks, generate_masks, match_to_ground_truth
+from samtune.evaluation.auto import (
+    build_mask_generator,
+    encode_masks,
+    explain_no_masks,
+    filter_stats,
+    generate_masks,
+    match_to_ground_truth,
+)
 from samtune.evaluation.clicks import model_click_predictor, run_clicks
 from samtune.evaluation.decoding import MULTIMASK, decode_prompts, predict_prompts  # noqa: F401 (re-export)
 from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
@@ -129,7 +136,7 @@ def evaluate_model(
         save_masks: Put the predicted mask's COCO RLE in each row.
         zoom: Segment each prompt in a zoomed crop of its neighbourhood (None: the whole image); not for clicks.
         max_clicks: Clicks per instance in ``clicks`` mode.
-        auto_params: ``SamAutomaticMaskGenerator`` parameters for ``auto`` mode.
+        auto_params: Automatic mask generation parameters for ``auto`` mode (:func:`samtune.evaluation.auto.build_mask_generator`).
         map_dir: If set, each image's predicted instance map for ``map_mode`` is written there (uint16 PNG,
             see :func:`map_path`), for overlays and worst-case pictures.
         map_mode: The prompt mode whose masks go to ``map_dir``.
@@ -176,9 +183,9 @@ def evaluate_model(
         result.calibration[mode] = calibration(np.asarray(tally.pred_iou), np.asarray(tally.true_iou))
     if generator is not None:
         # what the predicted-IoU and stability filters did; a run that keeps nothing says why
-        result.summary["auto"]["filters"] = generator.stats.as_dict()
+        result.summary["auto"]["filters"] = filter_stats(generator)
         if tallies["auto"].n_pred == 0 and records:
-            why = generator.stats.explain(generator.pred_iou_thresh, generator.stability_score_thresh, "eval.auto")
+            why = explain_no_masks(generator, "eval.auto")
             result.summary["auto"]["why_no_masks"] = why
             log.warning("%s (%s)", why, name)
     model.train(was_training)

@@ -149,7 +149,7 @@ class EvalJob:
         return self.sets[0]
 
     def _settings(self, s: EvalSet) -> dict:
-        auto = OmegaConf.to_container(self.ev.get("auto") or {}) if "auto" in s.modes else None
+        auto = OmegaConf.to_container(self.ev.get("auto") or {}, resolve=True) if "auto" in s.modes else None
         return {"modes": s.modes, "max_clicks": int(self.ev.max_clicks), "auto": auto,
                 "zoom": self.zoom.describe() if self.zoom else None, "save_masks": bool(self.ev.save_masks)}
 

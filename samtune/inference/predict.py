@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from samtune.data.io import load_image
-from samtune.evaluation.auto import build_mask_generator
+from samtune.evaluation.auto import build_mask_generator, explain_no_masks, filter_stats
 from samtune.evaluation.job import eval_device, zoom_config
 from samtune.inference.outputs import check_output_dir, write_image_outputs, write_marker
 from samtune.inference.prompts_file import load_prompt_file
@@ -40,7 +40,8 @@ def predict(cfg: DictConfig) -> dict:
     ckpt = _path(ckpt_value, "ckpt")
     zoom = zoom_config(cfg)
     if zoom is not None and mode == "auto":
-        raise ValueError("zoom= applies to box and points prompts; mode=auto segments the whole image")
+        raise ValueError("zoom= applies to box and points prompts; mode=auto zooms with auto.zoom (a crop of that "
+                         "many times each candidate's extent)")
     inputs = list_images(input_path)
     prompts: dict[str, list[dict]] = {}
     if mode != "auto":
@@ -48,7 +49,7 @@ def predict(cfg: DictConfig) -> dict:
         missing = [k for _, k in inputs if k not in prompts]
         if missing:
             log.warning("%d images have no %s prompts and get no masks, e.g. %s", len(missing), mode, missing[:3])
-    auto_params = OmegaConf.to_container(cfg.auto) if mode == "auto" else None
+    auto_params = OmegaConf.to_container(cfg.auto, resolve=True) if mode == "auto" else None
     settings = {
         "ckpt": str(ckpt), "model_type": str(cfg.model.type), "input": str(input_path), "mode": mode,
         "prompts": str(_path(cfg.prompt_file, "prompts")) if mode != "auto" else None,
@@ -76,9 +77,9 @@ def predict(cfg: DictConfig) -> dict:
     summary = {"images": len(inputs), "masks": n_masks, "out": str(out)}
     marker = {"finished": True, "images": len(inputs), "masks": n_masks}
     if generator is not None:
-        marker["filters"] = summary["filters"] = generator.stats.as_dict()
+        marker["filters"] = summary["filters"] = filter_stats(generator)
         if n_masks == 0 and inputs:
-            why = generator.stats.explain(generator.pred_iou_thresh, generator.stability_score_thresh, "auto")
+            why = explain_no_masks(generator, "auto")
             marker["why_no_masks"] = summary["why_no_masks"] = why
             log.warning(why)
     write_marker(out, settings, marker)

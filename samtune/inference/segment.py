@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from segment_anything import SamAutomaticMaskGenerator
 
 from samtune.data.io import IMAGE_EXTENSIONS
-from samtune.evaluation.auto import encode_masks, generate_masks
+from samtune.evaluation.auto import MaskGenerator, ZoomedMaskGenerator, encode_masks, generate_masks
 from samtune.evaluation.decoding import decode_prompts
 from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
 from samtune.model.promptable_sam import PromptableSam
@@ -129,8 +128,8 @@ def segment_prompts(
     return [m for m in out if m is not None]
 
 
-def segment_everything(generator: SamAutomaticMaskGenerator, image: np.ndarray) -> list[MaskPrediction]:
-    """All masks that ``SamAutomaticMaskGenerator`` keeps for ``image``, largest first (``generator`` from
+def segment_everything(generator: MaskGenerator | ZoomedMaskGenerator, image: np.ndarray) -> list[MaskPrediction]:
+    """All masks the automatic mask generator keeps for ``image``, largest first (``generator`` from
     :func:`samtune.evaluation.auto.build_mask_generator`: masks as COCO RLE)."""
     return [
         MaskPrediction(m["segmentation"], float(m["predicted_iou"]), float(m["stability_score"]),

@@ -15,11 +15,19 @@ import torch
 
 from samtune.data.records import ImageRecord, load_record
 from samtune.data.sources import scan_folder
-from samtune.engine.pseudo import Proposal, Thresholds, choose_thresholds, pseudo_records, write_pseudo_labels
+from samtune.engine.pseudo import (
+    Proposal,
+    Thresholds,
+    choose_thresholds,
+    hidden_label_iou,
+    propose,
+    pseudo_records,
+    write_pseudo_labels,
+)
 from samtune.engine.runner import plan
 from samtune.engine.split import split_labeled
 from samtune.evaluation.auto import encode_masks
-from tests.blob_data import write_blob_dataset
+from tests.blob_data import write_blob_dataset, write_disc_dataset
 from tests.test_finetune_modes import make_module, tiny_batch
 from tests.test_train_e2e import ROOT, kill_when_paused, probe_args, probe_lines, start_paused_run
 
@@ -109,6 +117,29 @@ def test_pseudo_label_file_round_trips_with_provenance(tmp_path):
         assert np.array_equal(pseudo > 0, truth > 0)
     assert sorted(p.name for p in (root / "train" / "masks").iterdir()) == sorted(
         f"{r.image_id}.png" for r in records)  # labelled data untouched
+
+
+def test_zoomed_proposals_become_pseudo_labels_that_match_hidden_labels(tmp_path):
+    """The pseudo-label step on a learnable set (the shipped model, two images of small discs): proposals segmented in
+    zoom and kept at the model's thresholds (model.auto) become training masks, and they are the hidden objects
+    (most discs found, kept masks' mean IoU with their disc >= 0.7). SAM's fixed 0.88 / 0.95 keep nothing here, so
+    a filter that rejects everything fails this test."""
+    from samtune.model import build_model
+
+    root = write_disc_dataset(tmp_path / "discs", "train", 2)
+    records, _ = scan_folder(root, "train")
+    model = build_model("sam_tiny", checkpoint=str(ROOT / "data" / "checkpoints" / "sam_tiny_generalist.pt"))
+    amg = {"points_per_side": 6, "zoom": 2.0, "box_nms_thresh": 0.4}
+    proposals = propose(model, records, amg)
+    assert not {k: v for k, v in proposals.items() if not v}  # every image has proposals
+    kept = {k: [p for p in v if Thresholds(0.6, 0.75).keeps(p)] for k, v in proposals.items()}
+    ious = hidden_label_iou(records, kept)
+    assert len(ious) >= 12 and float(np.mean(ious)) >= 0.7 and sum(i >= 0.5 for i in ious) >= 12
+    assert not any(Thresholds().keeps(p) for v in proposals.values() for p in v)
+    path = write_pseudo_labels(tmp_path / "pseudo_labels.json", records, kept, round_index=2, stage="pseudo_label",
+                               model_hash="test", thresholds=Thresholds(0.6, 0.75), root=root)
+    train = pseudo_records(path, records, weight=0.5, kind="pseudo")
+    assert len(train) == 2 and sum(len(r.coco_anns) for r in train) == len(ious)
 
 
 def test_pseudo_weights_scale_the_loss():

@@ -113,8 +113,9 @@ def choose_thresholds(proposals: Mapping[str, list[Proposal]], records: list[Ima
     stats = calibration(pred_a, true_a)
     good = true_a >= good_iou
     best = (Thresholds(), -1.0, 0.0, 0.0)
-    for t_iou in np.round(np.arange(0.5, 1.0001, 0.02), 2):
-        for t_stab in np.round(np.arange(0.5, 1.0001, 0.05), 2):
+    # the whole range: a model's IoU head may score far below SAM's (the shipped sam_tiny's whole-image masks: < 0.4)
+    for t_iou in np.round(np.arange(0.0, 1.0001, 0.02), 2):
+        for t_stab in np.round(np.arange(0.0, 1.0001, 0.05), 2):
             kept = (pred_a >= t_iou) & (stab_a >= t_stab)
             tp = int((kept & good).sum())
             precision = tp / max(int(kept.sum()), 1)

@@ -152,10 +152,15 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
                 })
             info.update(read_json(rdir / "pseudo_stats.json"))
             if info["kept"] == 0:
+                choice = info.get("threshold_choice")
+                how = ("engine.thresholds_from_val=true chooses them on the validation split" if choice is None else
+                       f"chosen on the validation split, where the best F1 of any pair was {_fmt(choice['f1'])} "
+                       f"(precision {_fmt(choice['precision'])}, recall {_fmt(choice['recall'])} at IoU "
+                       f"{choice['good_iou']:g}); engine.amg.zoom segments each proposal again in prompt-focused zoom)")
                 log.warning("Round %d (%s) keeps no proposal: of %d, the best predicted IoU was %s and the best "
-                            "stability %s against thresholds %s; lower them, or engine.thresholds_from_val=true "
-                            "chooses them on the validation split", k, stage, info["proposed"],
-                            _fmt(info.get("best_pred_iou")), _fmt(info.get("best_stability")), thresholds.as_dict())
+                            "stability %s against thresholds %s; %s", k, stage, info["proposed"],
+                            _fmt(info.get("best_pred_iou")), _fmt(info.get("best_stability")), thresholds.as_dict(),
+                            how if choice is not None else "lower them, or " + how)
             extra = pseudo_records(path, unlabeled, weight=weight, kind=kind)
             log.info("Round %d (%s): %d of %d proposed masks kept on %d images", k, stage, info["kept"],
                      info["proposed"], len(extra))

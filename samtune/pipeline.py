@@ -393,8 +393,9 @@ def train(cfg: DictConfig) -> dict:
 def train_engine(cfg: DictConfig) -> dict:
     """The data engine (``engine=...``): zero-shot evaluation, then its rounds (resumed after the last completed
     one), then the report with the final round as ``finetuned`` and a per-round table."""
-    from samtune.engine.runner import find_engine_run, run_engine
+    from samtune.engine.runner import check_engine_config, find_engine_run, run_engine
 
+    check_engine_config(cfg)
     if int(cfg.trainer.get("devices", 1) or 1) > 1 or int(cfg.trainer.get("num_nodes", 1) or 1) > 1:
         raise ValueError("engine: the data engine runs on one device (trainer.devices=1); its rounds alternate "
                          "mask generation and training, which DDP would repeat on every rank")

@@ -24,7 +24,7 @@ from samtune.engine.pseudo import (
     pseudo_records,
     write_pseudo_labels,
 )
-from samtune.engine.runner import plan
+from samtune.engine.runner import check_engine_config, plan
 from samtune.engine.split import split_labeled
 from samtune.evaluation.auto import encode_masks
 from tests.blob_data import write_blob_dataset, write_disc_dataset
@@ -66,6 +66,24 @@ def test_plan_orders_the_stages():
         plan(OmegaConf.create({"rounds": -1}))
 
 
+def test_engine_settings_are_checked_before_anything_runs():
+    from omegaconf import OmegaConf
+
+    def cfg(mode="decoder_only", **engine):
+        base = {"rounds": 1, "semi": {"enabled": True}, "thresholds_from_val": "auto", "val_target_iou": 0.75,
+                "max_images_per_round": None, "max_val_images": None}
+        return OmegaConf.create({"engine": {**base, **engine}, "finetune": {"mode": mode}})
+
+    check_engine_config(cfg())
+    with pytest.raises(ValueError, match="engine.semi.enabled=true needs finetune=decoder_only"):
+        check_engine_config(cfg("full"))
+    check_engine_config(cfg("full", semi={"enabled": False}))
+    for key, bad in [("thresholds_from_val", "sometimes"), ("max_images_per_round", 0), ("max_val_images", 2.5),
+                     ("val_target_iou", 1.5)]:
+        with pytest.raises(ValueError, match=f"engine.{key}"):
+            check_engine_config(cfg(**{key: bad}))
+
+
 def _proposals(records, rng):
     """Per image: each ground-truth instance (good, high scores) plus a shifted copy (bad, lower scores)."""
     out = {}
@@ -90,6 +108,21 @@ def test_thresholds_from_validation_separate_good_from_bad_masks(tmp_path):
     assert 0.7 < thresholds.pred_iou <= 0.8 or 0.85 < thresholds.stability <= 0.9
     assert stats["f1"] == 1.0 and stats["precision"] == 1.0 and stats["recall"] == 1.0
     assert stats["spearman"] > 0.5 and stats["n"] == 2 * stats["n_good"]
+
+
+def test_thresholds_from_validation_reach_a_target_quality(tmp_path):
+    """With a target mean IoU the choice keeps as many validation proposals as it can while their mean IoU with the
+    labels reaches it; an unreachable target keeps nothing and says the best mean IoU any pair reached."""
+    root = write_blob_dataset(tmp_path / "blobs", {"val": 4})
+    records, _ = scan_folder(root, "val")
+    proposals = _proposals(records, np.random.default_rng(0))
+    thresholds, stats = choose_thresholds(proposals, records, target_iou=0.99)
+    kept = [p for ps in proposals.values() for p in ps if thresholds.keeps(p)]
+    assert len(kept) == stats["kept"] == stats["n"] // 2 and stats["mean_iou"] == 1.0  # every good copy, no shifted one
+    loose, loose_stats = choose_thresholds(proposals, records, target_iou=0.0)
+    assert loose_stats["kept"] == loose_stats["n"] and loose_stats["mean_iou"] < 0.99  # a low bar keeps everything
+    none, none_stats = choose_thresholds(proposals, records, target_iou=1.01)
+    assert none is None and none_stats["kept"] == 0 and none_stats["best_mean_iou"] == 1.0
 
 
 def test_pseudo_label_file_round_trips_with_provenance(tmp_path):
@@ -177,7 +210,9 @@ def test_ema_teacher_supervises_unlabelled_images_and_follows_the_student():
 
 def _engine_args(tmp_path, run_dir, *extra):
     return [
-        sys.executable, str(ROOT / "train.py"), "experiment=pcb_data_engine", "debug=tiny",
+        # the semi-supervised round's EMA teacher needs the frozen encoder of decoder_only (the experiment adapts it)
+        sys.executable, str(ROOT / "train.py"), "experiment=pcb_data_engine", "debug=tiny", "finetune=decoder_only",
+        "engine.semi.enabled=true",
         f"data.root={tmp_path / 'blobs'}", "data.generator=null", "data.augment=none", "data.labeled_fraction=0.25",
         "data.batch_size=2", "data.max_instances=3", "prompts.correction_rounds=0", "engine.rounds=1",
         "engine.amg.points_per_side=4", "engine.pred_iou_thresh=0", "engine.stability_score_thresh=0",
@@ -197,20 +232,42 @@ def engine_run(tmp_path_factory):
 
 
 def test_a_round_that_keeps_nothing_says_why(tmp_path):
-    """Thresholds no proposal reaches: the round keeps 0 masks and the log names the thresholds and the best
-    predicted IoU and stability any proposal reached (in the report too)."""
+    """Fixed thresholds no proposal reaches: the round chooses them on validation instead (thresholds_from_val=auto,
+    logged), and when no pair reaches the target quality there either it keeps 0 masks; the log names the fixed
+    thresholds, the best predicted IoU and stability any proposal reached and the best mean IoU on validation (the
+    report has them too)."""
     write_blob_dataset(tmp_path / "blobs", {"train": 4, "val": 1, "test": 1})
     run_dir = tmp_path / "run"
     args = [a for a in _engine_args(tmp_path, run_dir, "engine.semi.enabled=false", "trainer.max_epochs=1")
             if not a.startswith("engine.pred_iou_thresh")]
-    proc = subprocess.run([*args, "engine.pred_iou_thresh=1.5"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*args, "engine.pred_iou_thresh=1.5", "engine.val_target_iou=1.0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rounds = json.loads((run_dir / "report.json").read_text())["engine"]["rounds"]
     pseudo = [r for r in rounds if r["stage"] == "pseudo_label"][0]
     assert pseudo["kept"] == 0 and pseudo["proposed"] > 0 and pseudo["best_pred_iou"] < 1.5
+    choice = pseudo["threshold_choice"]
+    assert choice["target_iou"] == 1.0 and 0 < choice["best_mean_iou"] < 1 and choice["val_images"] == 1
     log = proc.stdout + proc.stderr
     assert "keeps no proposal" in log and f"best predicted IoU was {pseudo['best_pred_iou']:.3f}" in log
-    assert "'pred_iou_thresh': 1.5" in log
+    assert "'pred_iou_thresh': 1.5" in log and "choosing them on the validation split" in log
+    assert f"the best any pair reached was {choice['best_mean_iou']:.3f}" in log
+
+
+def test_a_round_that_does_not_beat_its_start_keeps_it(tmp_path):
+    """A supervised round whose training wrecks the model (learning rate 0.3): no epoch beats the starting weights on
+    validation, so the round keeps them: its test figures are zero-shot's, to the digit, and the report says why."""
+    write_blob_dataset(tmp_path / "blobs", {"train": 4, "val": 1, "test": 1})
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(_engine_args(tmp_path, run_dir, "engine.semi.enabled=false", "engine.rounds=0",
+                                       "optimizer.lr=0.3"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    (round0,) = report["engine"]["rounds"]
+    assert round0["kept_previous"] is True and round0["val_min_gain"] < 0
+    assert round0["box_miou"] == report["engine"]["zero_shot"]["box_miou"] == report["zero_shot"]["box"]["miou"]
+    assert "kept its starting weights" in (run_dir / "report.md").read_text()
+    assert "no epoch beat the round's starting model" in proc.stdout + proc.stderr
 
 
 def test_engine_runs_every_stage_and_reports_rounds(engine_run):
@@ -225,7 +282,7 @@ def test_engine_runs_every_stage_and_reports_rounds(engine_run):
     assert 0 <= rounds[2]["kept_hidden_iou"] <= 1
     assert rounds[2]["best_pred_iou"] is not None and rounds[2]["best_stability"] is not None
     md = (run_dir / "report.md").read_text()
-    assert "## Data engine" in md and "| 2 | pseudo_label |" in md and (run_dir / "engine_rounds.png").is_file()
+    assert "## Data engine" in md and "| 2 | pseudo_label" in md and (run_dir / "engine_rounds.png").is_file()
     split = json.loads((run_dir / "engine" / "split.json").read_text())
     labels = json.loads((run_dir / "engine" / "round_2" / "pseudo_labels.json").read_text())
     assert {i["file_name"] for i in labels["images"]} == set(split["unlabeled"])  # only unlabelled images

@@ -81,25 +81,54 @@ def _true_iou(record: ImageRecord, masks: list[Proposal], binary_as_one_object: 
 def hidden_label_iou(records: list[ImageRecord], kept: Mapping[str, list[Proposal]],
                      binary_as_one_object: bool = False) -> list[float]:
     """IoU of each kept mask with its best-matching hidden ground-truth instance (only to measure quality)."""
+    return hidden_label_quality(records, kept, binary_as_one_object)["ious"]
+
+
+def hidden_label_quality(records: list[ImageRecord], kept: Mapping[str, list[Proposal]],
+                         binary_as_one_object: bool = False, good_iou: float = 0.5) -> dict:
+    """How good the kept masks are against the hidden labels of their images (never trained on).
+
+    Returns ``ious`` (each kept mask's IoU with its best-matching instance), ``mean_iou``, ``precision``
+    (share of kept masks that overlap an instance at IoU >= ``good_iou``), ``objects`` (instances of the images
+    that have proposals) and ``recall`` (share of those instances with a kept mask at IoU >= ``good_iou``).
+    """
     ious: list[float] = []
+    objects = found = 0
     for record in records:
+        if record.rel_path not in kept:
+            continue
+        _, instances = load_record(record, binary_as_one_object=binary_as_one_object)
+        gt = encode_masks(instances == i for i in range(1, int(instances.max()) + 1))
         masks = kept.get(record.rel_path) or []
-        if masks:
-            ious += _true_iou(record, masks, binary_as_one_object)
-    return ious
+        objects += len(gt)
+        if masks and gt:
+            match = match_to_ground_truth([p.rle for p in masks], gt)
+            ious += match.pred_best_iou.tolist()
+            found += int((match.best_iou >= good_iou).sum())
+        elif masks:
+            ious += [0.0] * len(masks)
+    return {"ious": ious, "mean_iou": float(np.mean(ious)) if ious else None,
+            "precision": float(np.mean(np.asarray(ious) >= good_iou)) if ious else None,
+            "objects": objects, "recall": found / objects if objects else None, "good_iou": good_iou}
 
 
 def choose_thresholds(proposals: Mapping[str, list[Proposal]], records: list[ImageRecord], *,
-                      binary_as_one_object: bool = False, good_iou: float = 0.5) -> tuple[Thresholds, dict]:
+                      binary_as_one_object: bool = False, good_iou: float = 0.5, target_iou: float | None = None,
+                      min_kept: int = 3) -> tuple[Thresholds | None, dict]:
     """Thresholds chosen on labelled (validation) images, and how well the IoU head ranks the proposals there.
 
-    Every proposal is matched to its best ground-truth instance; a proposal is good when that IoU reaches
-    ``good_iou``. The pair of thresholds (grid over predicted IoU and stability score) with the best F1 of
-    "kept" against "good" wins (ties: the stricter pair).
+    Every proposal is matched to its best ground-truth instance (its "true IoU"); a proposal is good when that IoU
+    reaches ``good_iou``. Over a grid of predicted-IoU and stability thresholds:
+
+    * ``target_iou`` None: the pair with the best F1 of "kept" against "good" wins (ties: the stricter pair);
+    * ``target_iou`` a number: among the pairs whose kept proposals (at least ``min_kept``) have a mean true IoU of
+      at least ``target_iou``, the one that keeps the most wins (ties: the stricter pair). When no pair reaches
+      it, the thresholds are None (keep nothing) and the stats say the best mean IoU any pair reached.
 
     Returns:
-        (thresholds, {"spearman", "ece", "n", "f1", "precision", "recall", "good_iou"}): calibration of the
-        predicted IoU against the true IoU of the proposals, and the chosen pair's scores.
+        (thresholds, {"spearman", "ece", "n", "f1", "precision", "recall", "mean_iou", "kept", "good_iou",
+        "n_good", "target_iou", "best_mean_iou"}): calibration of the predicted IoU against the true IoU of the
+        proposals, and the chosen pair's scores on validation.
     """
     pred, stab, true = [], [], []
     for record in records:
@@ -112,20 +141,38 @@ def choose_thresholds(proposals: Mapping[str, list[Proposal]], records: list[Ima
     pred_a, stab_a, true_a = np.asarray(pred), np.asarray(stab), np.asarray(true)
     stats = calibration(pred_a, true_a)
     good = true_a >= good_iou
-    best = (Thresholds(), -1.0, 0.0, 0.0)
+    best: tuple | None = None
+    best_key = None
+    best_mean = None
     # the whole range: a model's IoU head may score far below SAM's (the shipped sam_tiny's whole-image masks: < 0.4)
     for t_iou in np.round(np.arange(0.0, 1.0001, 0.02), 2):
         for t_stab in np.round(np.arange(0.0, 1.0001, 0.05), 2):
             kept = (pred_a >= t_iou) & (stab_a >= t_stab)
+            n_kept = int(kept.sum())
             tp = int((kept & good).sum())
-            precision = tp / max(int(kept.sum()), 1)
+            precision = tp / max(n_kept, 1)
             recall = tp / max(int(good.sum()), 1)
             f1 = 2 * precision * recall / max(precision + recall, 1e-9)
-            if f1 >= best[1] - 1e-12:
-                best = (Thresholds(float(t_iou), float(t_stab)), f1, precision, recall)
-    thresholds, f1, precision, recall = best
-    return thresholds, {**stats, "f1": f1, "precision": precision, "recall": recall, "good_iou": good_iou,
-                        "n_good": int(good.sum())}
+            mean_iou = float(true_a[kept].mean()) if n_kept else None
+            if target_iou is None:
+                key = f1
+            else:
+                if n_kept < min_kept:
+                    continue
+                best_mean = mean_iou if best_mean is None else max(best_mean, mean_iou)
+                if mean_iou < target_iou:
+                    continue
+                key = n_kept
+            if best_key is None or key >= best_key - 1e-12:
+                best_key = key
+                best = (Thresholds(float(t_iou), float(t_stab)), f1, precision, recall, mean_iou, n_kept)
+    info = {**stats, "good_iou": good_iou, "n_good": int(good.sum()), "target_iou": target_iou,
+            "best_mean_iou": best_mean}
+    if best is None:
+        return None, {**info, "f1": None, "precision": None, "recall": None, "mean_iou": None, "kept": 0}
+    thresholds, f1, precision, recall, mean_iou, n_kept = best
+    return thresholds, {**info, "f1": f1, "precision": precision, "recall": recall, "mean_iou": mean_iou,
+                        "kept": n_kept}
 
 
 def checkpoint_hash(path: str | Path) -> str:
@@ -138,7 +185,7 @@ def checkpoint_hash(path: str | Path) -> str:
 
 
 def write_pseudo_labels(path: Path, records: list[ImageRecord], kept: Mapping[str, list[Proposal]], *,
-                        round_index: int, stage: str, model_hash: str, thresholds: Thresholds, root: Path) -> Path:
+                        round_index: int, stage: str, model_hash: str, thresholds: Thresholds | None, root: Path) -> Path:
     """COCO instances JSON (RLE masks) of the kept masks, with provenance per mask; written atomically.
 
     ``file_name`` is the image path relative to the dataset ``root`` (the annotation file is not beside the
@@ -158,7 +205,8 @@ def write_pseudo_labels(path: Path, records: list[ImageRecord], kept: Mapping[st
                 "segmentation": p.rle, "area": p.area, "bbox": p.bbox, "score": p.predicted_iou,
                 "provenance": {"round": round_index, "stage": stage, "source_image": record.rel_path,
                                "model_checkpoint_sha256": model_hash, "predicted_iou": p.predicted_iou,
-                               "stability_score": p.stability_score, "thresholds": thresholds.as_dict()},
+                               "stability_score": p.stability_score,
+                               "thresholds": thresholds.as_dict() if thresholds is not None else None},
             })
     data = {"info": {"description": f"samtune data engine, round {round_index} ({stage})", "root": str(root)},
             "images": images, "annotations": annotations, "categories": [CATEGORY]}

@@ -3,23 +3,28 @@
 Rounds, each in ``<run dir>/engine/round_<k>/``:
 
 * round 0, ``supervised``: fine-tune on the labelled images (``data.labeled_fraction`` / ``data.labeled_ids``);
-* round 1, ``semi_supervised`` (``engine.semi.enabled``): labelled and unlabelled images together; the current
-  model proposes objects on the unlabelled images (``proposals.json``, only to place box prompts) and an EMA
-  teacher supervises the student on its confident pixels (see ``SamTuneModule``);
-* rounds 2.., ``pseudo_label`` (``engine.rounds`` of them): automatic mask generation on the unlabelled
-  images with the current model, kept by predicted IoU and stability (``pseudo_labels.json``, COCO RLE with
-  provenance per mask), then retraining on labelled + pseudo-labelled masks (weighted ``engine.pseudo_weight``).
+* round 1, ``semi_supervised`` (``engine.semi.enabled``, ``finetune=decoder_only`` only): labelled and unlabelled
+  images together; the current model proposes objects on the unlabelled images (``proposals.json``, only to place
+  box prompts) and an EMA teacher supervises the student on its confident pixels (see ``SamTuneModule``);
+* rounds 2.., ``pseudo_label`` (``engine.rounds`` of them): automatic mask generation on (``engine.max_images_per_round``
+  of) the unlabelled images with the current model, kept by predicted IoU and stability (``pseudo_labels.json``, COCO
+  RLE with provenance per mask), then retraining on labelled + pseudo-labelled masks (weighted ``engine.pseudo_weight``).
+  Thresholds that keep nothing are chosen on the validation split instead (``engine.thresholds_from_val=auto``), for
+  a mean IoU of the kept masks with the labels of ``engine.val_target_iou``.
 
 Every round continues from the previous round's weights, writes ``model.pth`` and its test figures, and ends
-with ``DONE.json``. Starting the same command again resumes after the last completed round (a round that was
-killed during training continues from its ``checkpoints/last.ckpt``); completed rounds are never rewritten and
-the labelled data is only read. The hidden labels of the "unlabelled" images, when the data has them, are used
-only to measure the quality of the pseudo-labels.
+with ``DONE.json``; a round that beats its starting weights on validation in no epoch, or a pseudo-label round with
+no pseudo-label, keeps its starting weights (``engine.keep_previous_if_worse``). Starting the same command again
+resumes after the last completed round (a round that was killed during training continues from its
+``checkpoints/last.ckpt``); completed rounds are never rewritten and the labelled data is only read. The hidden
+labels of the "unlabelled" images, when the data has them, are used only to measure the quality of the
+pseudo-labels.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -29,7 +34,7 @@ from samtune.engine.pseudo import (
     Thresholds,
     checkpoint_hash,
     choose_thresholds,
-    hidden_label_iou,
+    hidden_label_quality,
     propose,
     pseudo_records,
     write_pseudo_labels,
@@ -51,6 +56,24 @@ def plan(engine: DictConfig) -> list[str]:
         raise ValueError(f"engine.rounds must be >= 0, got {rounds}")
     semi = engine.get("semi") or {}
     return ["supervised", *(["semi_supervised"] if semi.get("enabled", False) else []), *["pseudo_label"] * rounds]
+
+
+def check_engine_config(cfg: DictConfig) -> None:
+    """Refuse a bad engine configuration before anything runs (not after an hour of proposals)."""
+    engine = cfg.engine
+    stages = plan(engine)
+    _from_val(engine.get("thresholds_from_val", "auto"))
+    for key in ("max_images_per_round", "max_val_images"):
+        value = engine.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"engine.{key} must be a whole number >= 1 or null, got {value!r}")
+    target = engine.get("val_target_iou")
+    if target is not None and not 0.0 <= float(target) <= 1.0:
+        raise ValueError(f"engine.val_target_iou must be in [0, 1] or null, got {target!r}")
+    mode = str(cfg.finetune.get("mode", "decoder_only"))
+    if "semi_supervised" in stages and mode != "decoder_only":
+        raise ValueError(f"engine.semi.enabled=true needs finetune=decoder_only (got finetune={mode}): the EMA teacher "
+                         "shares the student's frozen image encoder; set engine.semi.enabled=false to adapt the encoder")
 
 
 def find_engine_run(current_dir: Path) -> Path:
@@ -100,8 +123,21 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
                              "start a new run (another hydra.run.dir) instead of resuming this one")
     else:
         atomic_write_json(edir / "split.json", split)
+    # nor the stages its rounds were made as (more rounds after them may be added: engine.rounds raised)
+    before = read_json(edir / "plan.json").get("stages") if (edir / "plan.json").is_file() else None
+    if before is not None and before != stages[: len(before)]:
+        raise ValueError(f"{edir / 'plan.json'}: this run's rounds were {before}, the configuration now gives "
+                         f"{stages} (engine.rounds / engine.semi.enabled changed); start a new run (another "
+                         "hydra.run.dir) instead of resuming this one")
+    if before != stages:
+        atomic_write_json(edir / "plan.json", {"stages": stages})
     binary = bool(d.binary_as_one_object)
     amg = OmegaConf.to_container(engine.amg, resolve=True)
+    from_val = _from_val(engine.get("thresholds_from_val", "auto"))
+    target_iou = engine.get("val_target_iou")
+    target_iou = None if target_iou is None else float(target_iou)
+    keep_previous = bool(engine.get("keep_previous_if_worse", True))
+    start_weights = edir / "start_model.pth"  # round 0's starting point, should round 0 not beat it on val
     weights = None  # path of the latest round's model
     rounds: list[dict] = []
     for k, stage in enumerate(stages):
@@ -115,59 +151,84 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
         rdir.mkdir(parents=True, exist_ok=True)
         if weights is not None:
             load_sam_weights(model.sam, weights, model_type=cfg.model.type)
+        elif keep_previous and not start_weights.is_file():
+            save_sam_weights(model.sam, start_weights)
         info: dict = {"round": k, "stage": stage}
         train_records: list[ImageRecord] = list(labeled)
         module_kwargs: dict = {}
         if stage in ("semi_supervised", "pseudo_label"):
             model_hash = checkpoint_hash(weights) if weights is not None else "start"
+            images = _round_images(unlabeled, engine.get("max_images_per_round"), seed=int(cfg.seed) + k)
             if stage == "pseudo_label":
-                thresholds = Thresholds(float(engine.pred_iou_thresh), float(engine.stability_score_thresh))
-                if engine.get("thresholds_from_val") and records["val_split"]:
-                    val_props = propose(model, records["val_split"], amg, desc=f"round {k}: validation proposals")
-                    thresholds, info["threshold_choice"] = choose_thresholds(val_props, records["val_split"],
-                                                                             binary_as_one_object=binary)
-                    log.info("Round %d: thresholds chosen on validation: %s (%s)", k, thresholds.as_dict(),
-                             info["threshold_choice"])
                 name, weight, kind = "pseudo_labels.json", float(engine.pseudo_weight), "pseudo"
             else:
-                thresholds = Thresholds(float(engine.semi.prompt_iou_thresh), float(engine.semi.prompt_stability_thresh))
                 name, weight, kind = "proposals.json", 1.0, "teacher"
                 module_kwargs["teacher"] = {key: engine.semi[key] for key in ("ema", "confidence", "feature_dropout", "weight")}
             path = rdir / name
             if not path.is_file():  # written once per round, then reused when the round is resumed
-                proposals = propose(model, unlabeled, amg, desc=f"round {k}: proposals")
-                kept = {p: [m for m in ms if thresholds.keeps(m)] for p, ms in proposals.items()}
+                proposals = propose(model, images, amg, desc=f"round {k}: proposals on {len(images)} images")
+                if stage == "pseudo_label":
+                    thresholds: Thresholds | None = Thresholds(float(engine.pred_iou_thresh),
+                                                               float(engine.stability_score_thresh))
+                    fixed_keep = sum(thresholds.keeps(m) for ms in proposals.values() for m in ms)
+                    if from_val is True or (from_val == "auto" and fixed_keep == 0):
+                        if from_val == "auto":
+                            log.warning("Round %d: the fixed thresholds %s keep none of %d proposals; choosing them on "
+                                        "the validation split (engine.thresholds_from_val=auto)", k,
+                                        thresholds.as_dict(), sum(map(len, proposals.values())))
+                        thresholds, info["threshold_choice"] = _thresholds_from_val(
+                            model, records["val_split"], amg, engine, k, binary, target_iou, thresholds)
+                else:
+                    thresholds = Thresholds(float(engine.semi.prompt_iou_thresh), float(engine.semi.prompt_stability_thresh))
+                kept = {p: [m for m in ms if thresholds is not None and thresholds.keeps(m)]
+                        for p, ms in proposals.items()}
                 n_prop, n_kept = sum(map(len, proposals.values())), sum(map(len, kept.values()))
-                quality = hidden_label_iou(unlabeled, kept, binary) if engine.get("measure_hidden_labels", True) else []
-                write_pseudo_labels(path, unlabeled, kept, round_index=k, stage=stage, model_hash=model_hash,
+                quality = (hidden_label_quality(images, kept, binary) if engine.get("measure_hidden_labels", True)
+                           else {})
+                write_pseudo_labels(path, images, kept, round_index=k, stage=stage, model_hash=model_hash,
                                     thresholds=thresholds, root=root)
                 every = [m for ms in proposals.values() for m in ms]
                 atomic_write_json(rdir / "pseudo_stats.json", {
-                    "proposed": n_prop, "kept": n_kept, "rejected": n_prop - n_kept, "thresholds": thresholds.as_dict(),
-                    "kept_hidden_iou": (sum(quality) / len(quality)) if quality else None,
-                    "images_with_masks": sum(1 for v in kept.values() if v),
+                    "proposed": n_prop, "kept": n_kept, "rejected": n_prop - n_kept,
+                    "thresholds": thresholds.as_dict() if thresholds is not None else None,
+                    "threshold_choice": info.get("threshold_choice"),
+                    "images_proposed": len(images), "images_with_masks": sum(1 for v in kept.values() if v),
+                    # against the hidden labels of the unlabelled images (measured, never trained on)
+                    "kept_hidden_iou": quality.get("mean_iou"), "kept_precision50": quality.get("precision"),
+                    "hidden_objects": quality.get("objects"), "hidden_recall50": quality.get("recall"),
                     # the best scores any proposal reached: why a round keeps nothing
                     "best_pred_iou": max((m.predicted_iou for m in every), default=None),
                     "best_stability": max((m.stability_score for m in every), default=None),
                 })
-            info.update(read_json(rdir / "pseudo_stats.json"))
+            info.update({key: v for key, v in read_json(rdir / "pseudo_stats.json").items() if v is not None})
             if info["kept"] == 0:
-                choice = info.get("threshold_choice")
-                how = ("engine.thresholds_from_val=true chooses them on the validation split" if choice is None else
-                       f"chosen on the validation split, where the best F1 of any pair was {_fmt(choice['f1'])} "
-                       f"(precision {_fmt(choice['precision'])}, recall {_fmt(choice['recall'])} at IoU "
-                       f"{choice['good_iou']:g}); engine.amg.zoom segments each proposal again in prompt-focused zoom)")
-                log.warning("Round %d (%s) keeps no proposal: of %d, the best predicted IoU was %s and the best "
-                            "stability %s against thresholds %s; %s", k, stage, info["proposed"],
-                            _fmt(info.get("best_pred_iou")), _fmt(info.get("best_stability")), thresholds.as_dict(),
-                            how if choice is not None else "lower them, or " + how)
-            extra = pseudo_records(path, unlabeled, weight=weight, kind=kind)
-            log.info("Round %d (%s): %d of %d proposed masks kept on %d images", k, stage, info["kept"],
-                     info["proposed"], len(extra))
+                log.warning("Round %d (%s) keeps no proposal: %s", k, stage,
+                            _why_nothing({**info, "zoomed": amg.get("zoom") is not None}))
+            extra = pseudo_records(path, images, weight=weight, kind=kind)
+            log.info("Round %d (%s): %d of %d proposed masks kept on %d images%s", k, stage, info["kept"],
+                     info["proposed"], len(extra), _quality_note(info))
             train_records += extra
-        last = rdir / "checkpoints" / "last.ckpt"
-        fit(_round_cfg(cfg, rdir), rdir, model, {"train_split": train_records, "val_split": records["val_split"]},
-            last if last.is_file() else None, module_kwargs=module_kwargs)
+        if stage == "pseudo_label" and info["kept"] == 0 and keep_previous:
+            # nothing beyond the labelled images, which the rounds before trained on to their best validation epoch
+            log.warning("Round %d (%s): no pseudo-label to train on; the round keeps its starting weights", k, stage)
+            info["kept_previous"] = True
+            train_records = []
+        else:
+            last = rdir / "checkpoints" / "last.ckpt"
+            metrics = fit(_round_cfg(cfg, rdir), rdir, model,
+                          {"train_split": train_records, "val_split": records["val_split"]},
+                          last if last.is_file() else None, module_kwargs=module_kwargs)
+            gain = metrics.get("val/min_gain_best")
+            if gain is not None:
+                info["val_min_gain"] = gain
+            if keep_previous and gain is not None and gain < 0:
+                # no epoch of this round beat its starting weights on every validated prompt mode: keep those
+                load_sam_weights(model.sam, weights if weights is not None else start_weights,
+                                 model_type=cfg.model.type)
+                info["kept_previous"] = True
+                log.warning("Round %d (%s): no epoch beat the round's starting model on validation (best smallest "
+                            "gain over the prompt modes %.4f); the round keeps its starting weights "
+                            "(engine.keep_previous_if_worse)", k, stage, gain)
         save_sam_weights(model.sam, rdir / "model.pth")
         weights = rdir / "model.pth"
         result = job.evaluate(model, f"round_{k}")[MAIN]
@@ -177,6 +238,75 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
         rounds.append(info)
     atomic_write_json(edir / "FINISHED.json", {"rounds": len(stages)})
     return {"rounds": rounds, "labeled": len(labeled), "unlabeled": len(unlabeled)}
+
+
+def _from_val(value) -> bool | str:
+    """``engine.thresholds_from_val``: true, false or auto (only when the fixed thresholds keep nothing)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() == "auto":
+        return "auto"
+    raise ValueError(f"engine.thresholds_from_val must be true, false or auto, got {value!r}")
+
+
+def _round_images(unlabeled: list[ImageRecord], limit, *, seed: int) -> list[ImageRecord]:
+    """The unlabelled images a round proposes on: all, or ``engine.max_images_per_round`` of them drawn with the
+    round's seed (another draw each round), in their original order."""
+    if limit is None or int(limit) >= len(unlabeled):
+        return list(unlabeled)
+    if int(limit) < 1:
+        raise ValueError(f"engine.max_images_per_round must be >= 1 or null, got {limit}")
+    chosen = set(random.Random(seed).sample(range(len(unlabeled)), int(limit)))
+    return [r for i, r in enumerate(unlabeled) if i in chosen]
+
+
+def _thresholds_from_val(model, val: list[ImageRecord], amg: dict, engine: DictConfig, k: int, binary: bool,
+                         target_iou: float | None, fixed: Thresholds) -> tuple[Thresholds | None, dict | None]:
+    """Thresholds chosen on (up to ``engine.max_val_images`` of) the validation images' proposals."""
+    if not val:
+        log.warning("Round %d: no validation split to choose thresholds on; keeping %s", k, fixed.as_dict())
+        return fixed, None
+    limit = engine.get("max_val_images")
+    val = val if limit is None else val[: int(limit)]
+    props = propose(model, val, amg, desc=f"round {k}: proposals on {len(val)} validation images")
+    thresholds, choice = choose_thresholds(props, val, binary_as_one_object=binary, target_iou=target_iou)
+    if thresholds is None:
+        log.warning("Round %d: no thresholds keep validation proposals of mean IoU >= %g with the labels (the best "
+                    "any pair reached: %s); the round keeps no pseudo-label", k, target_iou, _fmt(choice["best_mean_iou"]))
+    else:
+        log.info("Round %d: thresholds chosen on %d validation images: %s (kept there %d, mean IoU %s, precision %s "
+                 "at IoU %g)", k, len(val), thresholds.as_dict(), choice["kept"], _fmt(choice["mean_iou"]),
+                 _fmt(choice["precision"]), choice["good_iou"])
+    return thresholds, {**choice, "val_images": len(val)}
+
+
+def _why_nothing(info: dict) -> str:
+    """Why a round kept no proposal: the thresholds, the best scores seen, what validation said."""
+    choice = info.get("threshold_choice")
+    seen = (f"of {info['proposed']}, the best predicted IoU was {_fmt(info.get('best_pred_iou'))} and the best "
+            f"stability {_fmt(info.get('best_stability'))}")
+    if choice and choice.get("target_iou") is not None:
+        chosen = info.get("thresholds") or ("none reach it, the best any pair reached was "
+                                            + _fmt(choice.get("best_mean_iou")))
+        return (f"{seen}; thresholds chosen on the validation split for kept masks of mean IoU >= "
+                f"{choice['target_iou']:g} with the labels ({chosen}); engine.val_target_iou lowers the bar"
+                + ("" if info.get("zoomed") else ", engine.amg.zoom segments each proposal again in prompt-focused "
+                   "zoom"))
+    if choice:
+        return (f"{seen} against thresholds {info.get('thresholds')} chosen on the validation split, where the best F1 "
+                f"of any pair was {_fmt(choice.get('f1'))} (precision {_fmt(choice.get('precision'))}, recall "
+                f"{_fmt(choice.get('recall'))} at IoU {choice['good_iou']:g})"
+                + ("" if info.get("zoomed") else "; engine.amg.zoom segments each proposal again in prompt-focused "
+                   "zoom"))
+    return (f"{seen} against thresholds {info.get('thresholds')}; lower them, or engine.thresholds_from_val=true "
+            "chooses them on the validation split")
+
+
+def _quality_note(info: dict) -> str:
+    if info.get("kept_hidden_iou") is None:
+        return ""
+    return (f"; against the hidden labels: mean IoU {_fmt(info['kept_hidden_iou'])}, precision "
+            f"{_fmt(info.get('kept_precision50'))} and recall {_fmt(info.get('hidden_recall50'))} at IoU 0.5")
 
 
 def _fmt(v: float | None) -> str:

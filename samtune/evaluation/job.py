@@ -8,6 +8,7 @@ check) with their fixed prompts, evaluates each model it is given on all of them
 from __future__ import annotations
 
 import logging
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +142,7 @@ class EvalJob:
         self.manifest = read_manifest(sets[0].root)
         self.volumes: dict[str, dict] = {}
         self.engine: dict | None = None  # the data engine's rounds, when it ran
+        self._evaluated: dict[tuple[str, str], str] = {}  # (set, weights fingerprint) -> name evaluated with them
         main_modes = sets[0].modes
         self.map_mode = next((m for m in PROMPT_MODES if m in main_modes), None)
 
@@ -165,10 +167,20 @@ class EvalJob:
         for s in self.sets:
             cache = self.run_dir / "eval" / (f"{name}.json" if s.name == MAIN else f"extra/{s.name}/{name}.json")
             settings = {**self._settings(s), "weights": weights}
+            same = self._evaluated.get((s.name, weights))
+            if not (cache.exists() and read_json(cache).get("settings") == settings) and same is not None:
+                # the same weights were evaluated under another name (a data-engine round that kept its start):
+                # the figures are those, the prompts being fixed
+                source = self.run_dir / "eval" / (f"{same}.json" if s.name == MAIN else f"extra/{s.name}/{same}.json")
+                atomic_write_json(cache, read_json(source))
+                if s.name == MAIN and self.map_dir(same).is_dir() and not self.map_dir(name).exists():
+                    shutil.copytree(self.map_dir(same), self.map_dir(name))
+                log.info("%s has the weights of %s: its evaluation on %s is that one", name, same, s.name)
             if cache.exists() and read_json(cache).get("settings") == settings:
                 data = read_json(cache)
                 log.info("Reusing the %s evaluation on %s from %s", name, s.name, cache)
                 self.results[s.name][name] = EvalResult(data["summary"], data["rows"], data.get("calibration", {}))
+                self._evaluated.setdefault((s.name, weights), name)
                 continue
             is_main = s.name == MAIN
             result = evaluate_model(
@@ -180,6 +192,7 @@ class EvalJob:
             atomic_write_json(cache, {"settings": settings, "summary": result.summary, "rows": result.rows,
                                       "calibration": result.calibration})
             self.results[s.name][name] = result
+            self._evaluated.setdefault((s.name, weights), name)
             log.info("%s on %s: %s", name, s.name, {m: round(v["miou"], 4) for m, v in result.summary.items()})
         if self.manifest is not None and self.map_mode:
             self.volumes[name] = volume_dice(self.manifest, self.main.split, self.map_dir(name))

@@ -221,8 +221,9 @@ def engine_json(engine: dict, zero_shot: EvalResult | None) -> dict:
     rounds = []
     for r in engine["rounds"]:
         entry = {"round": r["round"], "stage": r["stage"], **{f"{m}_miou": v for m, v in (r.get("test") or {}).items()}}
-        for key in ("proposed", "kept", "rejected", "kept_hidden_iou", "best_pred_iou", "best_stability", "thresholds",
-                    "threshold_choice", "n_train_images"):
+        for key in ("proposed", "kept", "rejected", "kept_hidden_iou", "kept_precision50", "hidden_objects",
+                    "hidden_recall50", "images_proposed", "best_pred_iou", "best_stability", "thresholds",
+                    "threshold_choice", "val_min_gain", "kept_previous", "n_train_images"):
             if key in r:
                 entry[key] = r[key]
         rounds.append(entry)
@@ -239,22 +240,28 @@ def _engine_section(engine: dict, run_dir: Path) -> list[str]:
     lines = [f"## Data engine ({engine.get('labeled_images')} labelled, {engine.get('unlabeled_images')} unlabelled "
              "training images)", "",
              "| round | stage | " + " | ".join(f"{MODE_TITLES.get(m, m)} mIoU" for m in modes)
-             + " | masks proposed | kept | rejected | kept masks' IoU with hidden labels |",
-             "|---|---|" + "---:|" * (len(modes) + 4)]
+             + " | masks proposed | kept | rejected | kept masks' IoU with hidden labels | their precision@0.5 |",
+             "|---|---|" + "---:|" * (len(modes) + 5)]
     zs = engine.get("zero_shot") or {}
     if zs:
-        lines.append("| - | zero-shot | " + " | ".join(_fmt(zs.get(f"{m}_miou")) for m in modes) + " | | | | |")
+        lines.append("| - | zero-shot | " + " | ".join(_fmt(zs.get(f"{m}_miou")) for m in modes) + " | | | | | |")
     for r in rounds:
         cells = " | ".join(_fmt(r.get(f"{m}_miou")) for m in modes)
-        extra = " | ".join("" if r.get(k) is None else (_fmt(r[k]) if k == "kept_hidden_iou" else str(r[k]))
-                           for k in ("proposed", "kept", "rejected", "kept_hidden_iou"))
-        lines.append(f"| {r['round']} | {r['stage']} | {cells} | {extra} |")
+        extra = " | ".join("" if r.get(k) is None else (_fmt(r[k]) if k.startswith("kept_") else str(r[k]))
+                           for k in ("proposed", "kept", "rejected", "kept_hidden_iou", "kept_precision50"))
+        stage = r["stage"] + (" (kept its starting weights)" if r.get("kept_previous") else "")
+        lines.append(f"| {r['round']} | {stage} | {cells} | {extra} |")
     lines.append("")
     for r in rounds:
         if r.get("threshold_choice"):
             c = r["threshold_choice"]
-            lines.append(f"Round {r['round']}: thresholds chosen on validation {r.get('thresholds')} (F1 {_fmt(c.get('f1'))}; "
+            aim = (f"kept masks of mean IoU >= {c['target_iou']:g} there, {c.get('kept', 0)} kept at mean IoU "
+                   f"{_fmt(c.get('mean_iou'))}" if c.get("target_iou") is not None else f"F1 {_fmt(c.get('f1'))}")
+            lines.append(f"Round {r['round']}: thresholds chosen on validation {r.get('thresholds', 'none')} ({aim}; "
                          f"predicted vs true IoU of the proposals: Spearman {_fmt(c.get('spearman'))}, ECE {_fmt(c.get('ece'))}).")
+        if r.get("kept_previous"):
+            lines.append(f"Round {r['round']}: no epoch beat the round's starting model on validation (best smallest "
+                         f"gain {_fmt(r.get('val_min_gain'))}), so it kept its starting weights.")
     try:
         import matplotlib
 

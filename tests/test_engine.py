@@ -267,7 +267,9 @@ def test_a_round_that_does_not_beat_its_start_keeps_it(tmp_path):
     assert round0["kept_previous"] is True and round0["val_min_gain"] < 0
     assert round0["box_miou"] == report["engine"]["zero_shot"]["box_miou"] == report["zero_shot"]["box"]["miou"]
     assert "kept its starting weights" in (run_dir / "report.md").read_text()
-    assert "no epoch beat the round's starting model" in proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert "no epoch beat the round's starting model" in log
+    assert "round_0 has the weights of zero_shot" in log  # the same weights are not evaluated twice
 
 
 def test_engine_runs_every_stage_and_reports_rounds(engine_run):

@@ -55,6 +55,7 @@ from samtune.model import ARCHITECTURES, build_model
 from samtune.model.embedding_cache import EmbeddingCache
 from samtune.model.memory import crop_bytes, crops_per_call
 from samtune.prompts import PromptGroup, PromptPolicy, PromptSimulator, make_instance_prompts, masks_to_boxes
+from samtune.training.finetune_modes import finetune_mode
 from samtune.training.module import SamTuneModule
 
 SETTINGS = ("decoder_only_uncached", "decoder_only_cached", "lora", "full", "prompts")
@@ -157,11 +158,14 @@ def sync(device: torch.device) -> None:
 
 def build_module(args, mode: str, cache: EmbeddingCache | None) -> SamTuneModule:
     model = build_model(args.model, arch=args.arch, seed=0)
-    lora = {"rank": 8, "alpha": 16, "dropout": 0.0, "blocks": "all", "target_modules": ["qkv"]} if mode == "lora" else None
+    kind = finetune_mode(mode)
+    lora = ({"rank": 8, "alpha": 16, "dropout": 0.0, "blocks": "all", "target_modules": ["qkv"]} if kind.uses_adapters
+            else None)
     module = SamTuneModule(
         model, simulator=PromptSimulator(PromptPolicy(correction_rounds=args.rounds, mask_only_rounds=0)),
         loss=SamLoss(), optimizer=functools.partial(torch.optim.AdamW, lr=1e-5), mode=mode, lora=lora,
-        gradient_checkpointing=mode != "decoder_only", train_prompt_encoder=mode == "full", embedding_cache=cache,
+        gradient_checkpointing=not kind.encoder_frozen, train_prompt_encoder=kind.encoder_weights_train,
+        embedding_cache=cache,
     )
     return module.to(args.device)
 

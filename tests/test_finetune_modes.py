@@ -194,6 +194,19 @@ def test_reinit_gives_fresh_seeded_weights_only_to_the_named_part():
         make_module("decoder_only", reinit=["prompt_encoder.point_embeddings"])
 
 
+def test_every_mode_object_says_what_the_module_does_to_the_encoder():
+    from samtune.training.finetune_modes import MODES, finetune_mode
+
+    assert finetune_mode(None) is MODES["decoder_only"]
+    for name, kind in MODES.items():
+        module = make_module(name, lora={"rank": 2} if kind.uses_adapters else None)
+        encoder = dict(module.model.sam.image_encoder.named_parameters())
+        base = [p for n, p in encoder.items() if ".lora_" not in n]
+        assert any(p.requires_grad for p in encoder.values()) == (not kind.encoder_frozen), name
+        assert all(p.requires_grad for p in base) == kind.encoder_weights_train, name
+        assert (module.lora is not None) == kind.uses_adapters and module.finetune_mode is kind
+
+
 def test_mode_errors():
     with pytest.raises(ValueError, match="finetune.mode='partial'"):
         make_module("partial")

@@ -42,6 +42,7 @@ from samtune.engine.pseudo import (
 from samtune.engine.split import split_labeled
 from samtune.evaluation.job import MAIN, EvalJob
 from samtune.model.checkpoint import load_sam_weights, save_sam_weights
+from samtune.training.finetune_modes import finetune_mode
 from samtune.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def check_engine_config(cfg: DictConfig) -> None:
     if target is not None and not 0.0 <= float(target) <= 1.0:
         raise ValueError(f"engine.val_target_iou must be in [0, 1] or null, got {target!r}")
     mode = str(cfg.finetune.get("mode", "decoder_only"))
-    if "semi_supervised" in stages and mode != "decoder_only":
+    if "semi_supervised" in stages and not finetune_mode(mode).encoder_frozen:
         raise ValueError(f"engine.semi.enabled=true needs finetune=decoder_only (got finetune={mode}): the EMA teacher "
                          "shares the student's frozen image encoder; set engine.semi.enabled=false to adapt the encoder")
 

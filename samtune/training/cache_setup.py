@@ -16,6 +16,7 @@ from typing import Any
 
 from samtune.model.embedding_cache import EmbeddingCache
 from samtune.model.promptable_sam import PromptableSam
+from samtune.training.finetune_modes import finetune_mode
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def setup_embedding_cache(
     enabled = cache_enabled(cache_cfg.get("enabled", "auto")) if cache_cfg is not None else False
     if enabled is False:
         return None, None
-    if mode != "decoder_only":
+    if not finetune_mode(mode).encoder_frozen:
         if enabled:
             raise ValueError(f"cache.enabled=true needs a frozen image encoder (finetune=decoder_only); finetune={mode} "
                              "trains it. Use cache.enabled=auto or false.")

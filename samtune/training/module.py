@@ -23,6 +23,7 @@ from samtune.model.lora import LoraSettings, apply_lora
 from samtune.model.promptable_sam import PromptableSam
 from samtune.model.training_checkpoint import META_FORMAT, META_KEY, fingerprint, fingerprint_mismatches
 from samtune.prompts import PromptGroup, PromptSimulator, center_points, masks_to_boxes
+from samtune.training.finetune_modes import finetune_mode
 from samtune.training.param_groups import (
     IOU_HEAD_GROUP,
     apply_lr_scales,
@@ -34,7 +35,6 @@ from samtune.training.param_groups import (
 log = logging.getLogger(__name__)
 
 SAM_PREFIX = "model.sam."
-FINETUNE_MODES = ("decoder_only", "lora", "full")
 
 
 class SamTuneModule(L.LightningModule):
@@ -111,16 +111,15 @@ class SamTuneModule(L.LightningModule):
     ) -> None:
         super().__init__()
         mode = mode or ("full" if train_image_encoder else "decoder_only")
-        if mode not in FINETUNE_MODES:
-            raise ValueError(f"finetune.mode={mode!r} is not one of {list(FINETUNE_MODES)}")
-        if train_image_encoder is not None and bool(train_image_encoder) != (mode == "full"):
+        kind = finetune_mode(mode)
+        if train_image_encoder is not None and bool(train_image_encoder) != kind.encoder_weights_train:
             raise ValueError(
                 f"finetune.train_image_encoder={train_image_encoder} contradicts finetune.mode={mode}: the image "
                 "encoder trains fully only with finetune=full (finetune=lora trains adapters on it)"
             )
-        if lora is not None and mode != "lora":
+        if lora is not None and not kind.uses_adapters:
             raise ValueError(f"finetune.lora is set but finetune.mode={mode}; use finetune=lora")
-        if embedding_cache is not None and mode != "decoder_only":
+        if embedding_cache is not None and not kind.encoder_frozen:
             raise ValueError(f"the embedding cache needs a frozen image encoder (finetune=decoder_only); "
                              f"finetune={mode} trains it: set cache.enabled=false or auto")
         self.model = model
@@ -129,16 +128,17 @@ class SamTuneModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.mode = mode
+        self.finetune_mode = kind
         self.seed = seed
         self.encoder_lr_mult, self.layer_decay = float(encoder_lr_mult), float(layer_decay)
         self.iou_head_lr_mult = float(iou_head_lr_mult)
         self.checkpoint_meta = dict(checkpoint_meta or {})
         self.embedding_cache = embedding_cache
         sam = model.sam
-        sam.image_encoder.requires_grad_(mode == "full")
+        sam.image_encoder.requires_grad_(kind.encoder_weights_train)
         sam.prompt_encoder.requires_grad_(train_prompt_encoder)
         sam.mask_decoder.requires_grad_(train_mask_decoder)
-        self.lora = LoraSettings.from_config(lora) if mode == "lora" else None
+        self.lora = LoraSettings.from_config(lora) if kind.uses_adapters else None
         if self.lora is not None:
             apply_lora(sam, self.lora)
         if only:
@@ -151,14 +151,14 @@ class SamTuneModule(L.LightningModule):
                 raise ValueError(f"finetune.reinit: {frozen[0]} would be re-initialised but not trained; "
                                  "re-initialise only parts that train (finetune.mode, finetune.only)")
             log.info("finetune.reinit: %d parameters of %s start from fresh weights", len(fresh), list(reinit))
-        self.train_image_encoder = mode != "decoder_only"  # runs with gradients (all weights or adapters)
+        self.train_image_encoder = not kind.encoder_frozen  # runs with gradients (all weights or adapters)
         model.gradient_checkpointing = bool(gradient_checkpointing) and self.train_image_encoder
         if not any(p.requires_grad for p in self.parameters()):
             raise ValueError("finetune: every part of the model is frozen; nothing would train")
         self.teacher_cfg = dict(teacher) if teacher else None
         self.teacher = None
         if self.teacher_cfg is not None:
-            if mode != "decoder_only":
+            if not kind.encoder_frozen:
                 raise ValueError("engine.semi: the EMA teacher shares the frozen image encoder; use finetune=decoder_only")
             for key, (lo, hi) in {"ema": (0, 1), "confidence": (0, 1), "feature_dropout": (0, 0.95)}.items():
                 if not lo <= float(self.teacher_cfg.get(key, 0.5)) <= hi:

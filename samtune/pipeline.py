@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from samtune.data.records import ImageRecord
 from samtune.data.sources import build_records
 from samtune.evaluation.evaluator import evaluate_model
-from samtune.evaluation.job import MAIN, EvalJob, EvalSet, report_metrics, validation_prompts, zoom_config
+from samtune.evaluation.job import MAIN, EvalJob, EvalSet, report_metrics, validation_prompts
+from samtune.evaluation.zoom import zoom_config
 from samtune.losses import loss_preset_name
 from samtune.model.checkpoint import load_sam_weights, save_sam_weights
 from samtune.model.factory import build_model

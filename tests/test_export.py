@@ -14,7 +14,7 @@ import torch
 import yaml
 from segment_anything import SamPredictor
 
-from samtune.evaluation.evaluator import predict_prompts
+from samtune.evaluation.decoding import decode_prompts
 from samtune.model import ARCHITECTURES, CheckpointError, build_model, build_sam_from_arch, save_sam_weights
 from samtune.model.export import check_onnx, onnx_example_inputs
 from samtune.model.training_checkpoint import META_KEY
@@ -68,8 +68,8 @@ def samtune_masks(model, image, prompts, mode):
     x, input_size, original_size = model.prepare_image(image)
     with torch.no_grad():
         embedding = model.embed(x)
-    chunks = list(predict_prompts(model, embedding, prompts, mode, input_size=input_size, original_size=original_size))
-    return torch.cat([masks for _, masks, _ in chunks]).numpy()
+    chunks = list(decode_prompts(model, embedding, prompts, mode, input_size=input_size, original_size=original_size))
+    return torch.cat([p.masks for p in chunks]).numpy()
 
 
 def predictor_masks(sam, image, prompts, mode):

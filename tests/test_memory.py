@@ -14,8 +14,7 @@ from omegaconf import OmegaConf
 from samtune.data.records import load_record
 from samtune.data.sources import build_records
 from samtune.evaluation.evaluator import evaluate_model
-from samtune.evaluation.job import zoom_config
-from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
+from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed, zoom_config
 from samtune.inference.segment import MaskPrediction, segment_prompts
 from samtune.model import ARCHITECTURES, PromptableSam, build_model, build_sam_from_arch, memory
 from samtune.model.memory import MAX_CROPS, crop_bytes, crops_per_call, encoder_activation_bytes

@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from samtune.data.sources import build_records
 from samtune.data.zoom import ZoomCropConfig, sample_zoom_crop, zoom_window
 from samtune.evaluation.evaluator import evaluate_model
-from samtune.evaluation.job import validation_prompts, zoom_config
-from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed, point_window
+from samtune.evaluation.job import validation_prompts
+from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed, point_window, zoom_config
 from samtune.losses import SamLoss
 from samtune.model import build_model
 from samtune.prompts import PromptPolicy, PromptSimulator

@@ -130,19 +130,3 @@ def decode_prompts(
             stability_offset=stability_offset, output=output,
         )
         yield PromptPrediction(sl, masks, pred_iou, stability, low_res)
-
-
-def predict_prompts(
-    model: PromptableSam,
-    embedding: torch.Tensor,
-    prompts: list[dict],
-    mode: str,
-    *,
-    input_size: tuple[int, int],
-    original_size: tuple[int, int],
-    chunk: int = 32,
-) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """Yield (slice of ``prompts``, masks n x H x W bool at original size, predicted IoU n) chunk by chunk."""
-    for p in decode_prompts(model, embedding, prompts, mode, input_size=input_size, original_size=original_size,
-                            chunk=chunk):
-        yield p.index, p.masks, p.pred_iou

@@ -34,7 +34,7 @@ from samtune.evaluation.auto import (
     match_to_ground_truth,
 )
 from samtune.evaluation.clicks import model_click_predictor, run_clicks
-from samtune.evaluation.decoding import MULTIMASK, decode_prompts, predict_prompts  # noqa: F401 (re-export)
+from samtune.evaluation.decoding import MULTIMASK, decode_prompts
 from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
 from samtune.metrics import ClickMetrics, InstanceMaskMetrics, calibration, instance_iou_dice
 from samtune.model.promptable_sam import PromptableSam

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from samtune.data.records import ImageRecord, load_record
@@ -22,10 +21,11 @@ from samtune.data.volumes import read_manifest, volume_dice
 from samtune.evaluation.evaluator import PROMPT_MODES, EvalResult, evaluate_model
 from samtune.evaluation.overlays import overlay_name, plot_clicks, save_overlays
 from samtune.evaluation.report import ExtraSetResult, worst_images, write_report
-from samtune.evaluation.zoom import ZoomConfig
+from samtune.evaluation.zoom import zoom_config
 from samtune.model.checkpoint import weights_fingerprint
 from samtune.model.promptable_sam import PromptableSam
 from samtune.prompts import load_prompts, make_instance_prompts, save_prompts
+from samtune.utils.device import eval_device
 from samtune.utils.io import atomic_write_json, read_json
 from samtune.utils.progress import progress
 
@@ -57,30 +57,6 @@ class EvalSet:
     binary_as_one_object: bool
     modes: list[str]
     prompts_file: Path | None = None
-
-
-def zoom_config(eval_cfg: DictConfig) -> ZoomConfig | None:
-    """``eval.zoom``: null (whole image), a context factor, or a mapping of :class:`ZoomConfig` fields;
-    ``eval.memory_budget_gb`` bounds the memory of the crops embedded per encoder call (a mapping's own
-    ``memory_budget_gb`` wins)."""
-    z = eval_cfg.get("zoom")
-    if z is None or z is False:
-        return None
-    budget = eval_cfg.get("memory_budget_gb")
-    if isinstance(z, (int, float)):
-        return ZoomConfig(context=float(z), min_frac=float(eval_cfg.get("zoom_min_frac", 0.2)),
-                          refine=eval_cfg.get("zoom_refine", 0),
-                          one_point_whole=eval_cfg.get("zoom_one_point_whole", True),
-                          refine_one_point=eval_cfg.get("zoom_refine_one_point"), memory_budget_gb=budget)
-    return ZoomConfig(**{"memory_budget_gb": budget, **OmegaConf.to_container(z)})
-
-
-def eval_device(eval_cfg: DictConfig) -> torch.device:
-    """``eval.device``: ``auto`` (the GPU when there is one), or a torch device string."""
-    dev = str(eval_cfg.get("device") or "auto")
-    if dev == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(dev)
 
 
 def fixed_prompts(eval_set: EvalSet, default_path: Path, seed: int) -> tuple[dict, Path]:

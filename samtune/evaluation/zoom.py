@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samtune.data.zoom import zoom_window
@@ -331,16 +332,17 @@ def _segment_in_windows(
     return masks, scores, stability
 
 
-def predict_prompts_zoomed(
-    model: PromptableSam,
-    image: np.ndarray,
-    prompts: list[dict],
-    mode: str,
-    *,
-    multimask: bool,
-    cfg: ZoomConfig,
-    chunk: int | None = None,
-) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """:func:`decode_prompts_zoomed` as (slice of ``prompts``, masks n x H x W bool, predicted IoU n)."""
-    for p in decode_prompts_zoomed(model, image, prompts, mode, multimask=multimask, cfg=cfg, chunk=chunk):
-        yield p.index, p.masks, p.pred_iou
+def zoom_config(eval_cfg: DictConfig) -> ZoomConfig | None:
+    """``eval.zoom``: null (whole image), a context factor, or a mapping of :class:`ZoomConfig` fields;
+    ``eval.memory_budget_gb`` bounds the memory of the crops embedded per encoder call (a mapping's own
+    ``memory_budget_gb`` wins)."""
+    z = eval_cfg.get("zoom")
+    if z is None or z is False:
+        return None
+    budget = eval_cfg.get("memory_budget_gb")
+    if isinstance(z, (int, float)):
+        return ZoomConfig(context=float(z), min_frac=float(eval_cfg.get("zoom_min_frac", 0.2)),
+                          refine=eval_cfg.get("zoom_refine", 0),
+                          one_point_whole=eval_cfg.get("zoom_one_point_whole", True),
+                          refine_one_point=eval_cfg.get("zoom_refine_one_point"), memory_budget_gb=budget)
+    return ZoomConfig(**{"memory_budget_gb": budget, **OmegaConf.to_container(z)})

@@ -255,11 +255,20 @@ def _engine_section(engine: dict, run_dir: Path) -> list[str]:
     for r in rounds:
         if r.get("threshold_choice"):
             c = r["threshold_choice"]
-            aim = (f"kept masks of mean IoU >= {c['target_iou']:g} there, {c.get('kept', 0)} kept at mean IoU "
-                   f"{_fmt(c.get('mean_iou'))}" if c.get("target_iou") is not None else f"F1 {_fmt(c.get('f1'))}")
-            lines.append(f"Round {r['round']}: thresholds chosen on validation {r.get('thresholds', 'none')} ({aim}; "
-                         f"predicted vs true IoU of the proposals: Spearman {_fmt(c.get('spearman'))}, ECE {_fmt(c.get('ece'))}).")
-        if r.get("kept_previous"):
+            ranking = (f"predicted vs true IoU of the proposals: Spearman {_fmt(c.get('spearman'))}, "
+                       f"ECE {_fmt(c.get('ece'))}")
+            if c.get("target_iou") is not None and not r.get("thresholds"):
+                lines.append(f"Round {r['round']}: no thresholds keep validation proposals of mean IoU >= "
+                             f"{c['target_iou']:g} with the labels (the best any pair reached: "
+                             f"{_fmt(c.get('best_mean_iou'))}; {ranking}), so it kept no pseudo-label.")
+            else:
+                aim = (f"{c.get('kept', 0)} kept there at mean IoU {_fmt(c.get('mean_iou'))}, target "
+                       f"{c['target_iou']:g}" if c.get("target_iou") is not None else f"F1 {_fmt(c.get('f1'))}")
+                lines.append(f"Round {r['round']}: thresholds chosen on validation {r.get('thresholds')} ({aim}; "
+                             f"{ranking}).")
+        if r.get("kept_previous") and r.get("val_min_gain") is None:
+            lines.append(f"Round {r['round']}: no pseudo-label to train on, so it kept its starting weights.")
+        elif r.get("kept_previous"):
             lines.append(f"Round {r['round']}: no epoch beat the round's starting model on validation (best smallest "
                          f"gain {_fmt(r.get('val_min_gain'))}), so it kept its starting weights.")
     try:

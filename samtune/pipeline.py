@@ -26,12 +26,13 @@ from samtune.data.records import ImageRecord
 from samtune.data.sources import build_records
 from samtune.evaluation.evaluator import evaluate_model
 from samtune.evaluation.job import MAIN, EvalJob, EvalSet, report_metrics, validation_prompts
-from samtune.evaluation.zoom import zoom_config
 from samtune.losses import loss_preset_name
 from samtune.model.checkpoint import load_sam_weights, save_sam_weights
 from samtune.model.factory import build_model
 from samtune.model.lora import has_lora, merge_lora
 from samtune.model.promptable_sam import PromptableSam
+from samtune.predict.modes import FIXED_MODES
+from samtune.predict.zoom import zoom_config
 from samtune.prompts import PromptPolicy, PromptSimulator
 from samtune.training.cache_setup import setup_embedding_cache
 from samtune.training.datamodule import SamDataModule
@@ -249,7 +250,7 @@ def fit(cfg: DictConfig, run_dir: Path, model: PromptableSam, records: dict, res
         val_prompts = validation_prompts(records["val_split"], seed=int(cfg.eval.prompt_seed),
                                          binary_as_one_object=binary, max_per_image=per_image)
         # the report's fixed-prompt modes, each validated (a mode not validated could fall unseen)
-        val_modes = [m for m in ("box", "point1", "point3") if m in list(cfg.eval.modes)] or ["box", "point1"]
+        val_modes = [m for m in FIXED_MODES if m in list(cfg.eval.modes)] or ["box", "point1"]
         start = None
         if select == "min_gain":
             # the starting weights on the same val prompts: `model` is still the start here (a resume loads its

@@ -49,11 +49,11 @@ from samtune.data.dataset import SamDataset, collate_instances
 from samtune.data.records import load_record
 from samtune.data.sources import build_records
 from samtune.evaluation.evaluator import evaluate_model
-from samtune.evaluation.zoom import ZoomConfig
 from samtune.losses import SamLoss
 from samtune.model import ARCHITECTURES, build_model
 from samtune.model.embedding_cache import EmbeddingCache
 from samtune.model.memory import crop_bytes, crops_per_call
+from samtune.predict.zoom import ZoomConfig
 from samtune.prompts import PromptGroup, PromptPolicy, PromptSimulator, make_instance_prompts, masks_to_boxes
 from samtune.training.finetune_modes import finetune_mode
 from samtune.training.module import SamTuneModule

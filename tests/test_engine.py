@@ -26,7 +26,7 @@ from samtune.engine.pseudo import (
 )
 from samtune.engine.runner import check_engine_config, plan
 from samtune.engine.split import split_labeled
-from samtune.evaluation.auto import encode_masks
+from samtune.predict.auto import encode_masks
 from tests.blob_data import write_blob_dataset, write_disc_dataset
 from tests.test_finetune_modes import make_module, tiny_batch
 from tests.test_train_e2e import ROOT, kill_when_paused, probe_args, probe_lines, start_paused_run

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from samtune.data.sources import build_records
-from samtune.evaluation.auto import encode_masks, match_to_ground_truth
 from samtune.evaluation.clicks import run_clicks
 from samtune.evaluation.evaluator import evaluate_model
-from samtune.evaluation.zoom import ZoomConfig
+from samtune.evaluation.matching import match_to_ground_truth
 from samtune.metrics import ClickMetrics, calibration, clicks_to_reach, match_one_to_one
 from samtune.model import build_model, save_sam_weights
+from samtune.predict.auto import encode_masks
+from samtune.predict.zoom import ZoomConfig
 from samtune.prompts import make_instance_prompts
 from tests.blob_data import blob_args, write_blob_dataset
 from tests.test_train_e2e import ROOT, run, tiny_args

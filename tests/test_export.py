@@ -14,10 +14,10 @@ import torch
 import yaml
 from segment_anything import SamPredictor
 
-from samtune.evaluation.decoding import decode_prompts
 from samtune.model import ARCHITECTURES, CheckpointError, build_model, build_sam_from_arch, save_sam_weights
 from samtune.model.export import check_onnx, onnx_example_inputs
 from samtune.model.training_checkpoint import META_KEY
+from samtune.predict.decoding import decode_prompts
 from tests.test_finetune_modes import make_module, perturb_lora, save_like_lightning
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from samtune.data.records import load_record
 from samtune.data.sources import build_records
 from samtune.evaluation.evaluator import evaluate_model
-from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed, zoom_config
 from samtune.inference.segment import MaskPrediction, segment_prompts
 from samtune.model import ARCHITECTURES, PromptableSam, build_model, build_sam_from_arch, memory
 from samtune.model.memory import MAX_CROPS, crop_bytes, crops_per_call, encoder_activation_bytes
+from samtune.predict.zoom import ZoomConfig, decode_prompts_zoomed, zoom_config
 from samtune.prompts import make_instance_prompts
 from tests.blob_data import write_blob_dataset
 
@@ -176,7 +176,7 @@ def test_automatic_masks_come_as_the_rles_encoded_before(crowded, one_thread):
     former binary masks gave."""
     from segment_anything import SamAutomaticMaskGenerator
 
-    from samtune.evaluation.auto import build_mask_generator, encode_masks, generate_masks
+    from samtune.predict.auto import build_mask_generator, encode_masks, generate_masks
 
     model, image, _ = crowded
     params = {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}

@@ -176,7 +176,7 @@ def test_auto_mode_counts_its_filters_and_keeps_what_segment_anything_keeps(setu
     from segment_anything import SamAutomaticMaskGenerator
 
     from samtune.data.io import load_image
-    from samtune.evaluation.auto import build_mask_generator, generate_masks
+    from samtune.predict.auto import build_mask_generator, generate_masks
 
     tmp, images, ckpt, _ = setup
     model = build_model("sam_tiny", checkpoint=str(ckpt))
@@ -199,14 +199,14 @@ def test_zoomed_auto_masks_find_objects_the_whole_image_misses():
     """The shipped model on small discs: segment_anything's generator on the whole image keeps none of them at the
     model's thresholds (model.auto); each candidate segmented again in 2x zoom finds every disc (one-to-one at
     IoU >= 0.5), and the filters count the zoomed answers."""
-    from samtune.evaluation.auto import (
+    from samtune.evaluation.matching import match_to_ground_truth
+    from samtune.predict.auto import (
         ZoomedMaskGenerator,
         build_mask_generator,
         encode_masks,
         explain_no_masks,
         filter_stats,
         generate_masks,
-        match_to_ground_truth,
     )
 
     model = build_model("sam_tiny", checkpoint=str(ROOT / "data" / "checkpoints" / "sam_tiny_generalist.pt"))
@@ -241,7 +241,7 @@ def test_zoomed_auto_masks_find_objects_the_whole_image_misses():
 def test_auto_parameters_are_checked_and_follow_the_model():
     """zoom must be a number >= 1 and unknown keys are named; sam_tiny's config zooms with its own thresholds,
     the official models keep SAM's generator and values."""
-    from samtune.evaluation.auto import build_mask_generator
+    from samtune.predict.auto import build_mask_generator
 
     model = build_model("sam_tiny", seed=0)
     with pytest.raises(ValueError, match="zoom must be null or a number >= 1"):

@@ -11,9 +11,9 @@ import torch
 from samtune.data.sources import build_records
 from samtune.evaluation.evaluator import evaluate_model
 from samtune.evaluation.job import validation_prompts
-from samtune.evaluation.zoom import ZoomConfig
 from samtune.losses import SamLoss
 from samtune.model import build_model
+from samtune.predict.zoom import ZoomConfig
 from samtune.prompts import PromptPolicy, PromptSimulator
 from samtune.training.datamodule import SamDataModule
 from samtune.training.module import SamTuneModule

@@ -14,9 +14,9 @@ from samtune.data.sources import build_records
 from samtune.data.zoom import ZoomCropConfig, sample_zoom_crop, zoom_window
 from samtune.evaluation.evaluator import evaluate_model
 from samtune.evaluation.job import validation_prompts
-from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed, point_window, zoom_config
 from samtune.losses import SamLoss
 from samtune.model import build_model
+from samtune.predict.zoom import ZoomConfig, decode_prompts_zoomed, point_window, zoom_config
 from samtune.prompts import PromptPolicy, PromptSimulator
 from samtune.training.datamodule import SamDataModule
 from samtune.training.module import SamTuneModule

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from samtune.data.records import ImageRecord, load_record
-from samtune.evaluation.auto import build_mask_generator, encode_masks, generate_masks, match_to_ground_truth
+from samtune.evaluation.matching import match_to_ground_truth
 from samtune.metrics import calibration
 from samtune.model.promptable_sam import PromptableSam
+from samtune.predict.auto import build_mask_generator, encode_masks, generate_masks
 from samtune.utils.io import atomic_write_json
 from samtune.utils.progress import progress
 

@@ -10,21 +10,13 @@ only stored prompt is the first click; all instances of an image are decoded in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from samtune.evaluation.decoding import finish_logits
 from samtune.metrics import instance_iou_dice
-from samtune.model.promptable_sam import PromptableSam
+from samtune.predict.segmenter import ClickPredictor
 from samtune.prompts import largest_error_click
-
-# predict(coords N x K x 2 XY original pixels, labels N x K, mask_input N x 1 x h x w | None, multimask)
-#   -> (masks N x H x W bool, low-res logits N x 1 x h x w, predicted IoU N)
-ClickPredictor = Callable[
-    [torch.Tensor, torch.Tensor, "torch.Tensor | None", bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-]
 
 
 @dataclass
@@ -52,7 +44,7 @@ def run_clicks(predict: ClickPredictor, gt: torch.Tensor, first: torch.Tensor, m
     """Simulate ``max_clicks`` rounds of corrective clicks.
 
     Args:
-        predict: The model's decoding step (see :data:`ClickPredictor`).
+        predict: The model's decoding step (:meth:`samtune.predict.segmenter.Segmenter.click_predictor`).
         gt: N x H x W bool ground-truth masks.
         first: N x 2 XY first clicks (positive).
         max_clicks: Rounds K (>= 1).
@@ -80,21 +72,3 @@ def run_clicks(predict: ClickPredictor, gt: torch.Tensor, first: torch.Tensor, m
         ious=torch.stack(ious, 1), dices=torch.stack(dices, 1), pred_ious=torch.stack(pred_ious, 1),
         coords=coords, labels=labels, masks=masks.cpu(),
     )
-
-
-def model_click_predictor(
-    model: PromptableSam, embedding: torch.Tensor, *, input_size: tuple[int, int], original_size: tuple[int, int]
-) -> ClickPredictor:
-    """The :data:`ClickPredictor` of ``model`` on one embedded image."""
-
-    @torch.no_grad()
-    def predict(coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None, multimask: bool):
-        dev = model.device
-        points = (model.coords_to_input(coords.clone(), original_size).to(dev), labels.to(dev))
-        logits, iou = model.decode(embedding, points=points, mask_input=mask_input)
-        masks, pred_iou, _, low_res = finish_logits(
-            model, logits, iou, multimask=multimask, input_size=input_size, original_size=original_size
-        )
-        return masks, low_res, pred_iou
-
-    return predict

@@ -21,9 +21,9 @@ from samtune.data.volumes import read_manifest, volume_dice
 from samtune.evaluation.evaluator import PROMPT_MODES, EvalResult, evaluate_model
 from samtune.evaluation.overlays import overlay_name, plot_clicks, save_overlays
 from samtune.evaluation.report import ExtraSetResult, worst_images, write_report
-from samtune.evaluation.zoom import zoom_config
 from samtune.model.checkpoint import weights_fingerprint
 from samtune.model.promptable_sam import PromptableSam
+from samtune.predict.zoom import zoom_config
 from samtune.prompts import load_prompts, make_instance_prompts, save_prompts
 from samtune.utils.device import eval_device
 from samtune.utils.io import atomic_write_json, read_json

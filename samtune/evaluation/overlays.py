@@ -9,9 +9,7 @@ import numpy as np
 
 from samtune.data.records import ImageRecord, load_record
 from samtune.evaluation.evaluator import map_path
-
-MODE_TITLES = {"box": "box", "point1": "1 point", "point3": "3 points",
-               "point1_oracle": "1 point, best of 3 outputs (oracle)", "clicks": "clicks", "auto": "auto"}
+from samtune.predict.modes import TITLES as MODE_TITLES
 
 
 def _pyplot():

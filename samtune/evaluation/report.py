@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from samtune.evaluation.evaluator import EvalResult
-from samtune.evaluation.overlays import MODE_TITLES
+from samtune.predict.modes import TITLES as MODE_TITLES
 from samtune.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)

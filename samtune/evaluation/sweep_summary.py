@@ -15,9 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from samtune.predict.modes import EVAL_MODES as MODES
 from samtune.utils.io import atomic_write_text, read_json
-
-MODES = ("box", "point1", "point3", "point1_oracle", "clicks", "auto")
 
 
 @dataclass

@@ -9,18 +9,19 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from samtune.data.io import load_image
-from samtune.evaluation.auto import build_mask_generator, explain_no_masks, filter_stats
-from samtune.evaluation.zoom import zoom_config
 from samtune.inference.outputs import check_output_dir, write_image_outputs, write_marker
 from samtune.inference.prompts_file import load_prompt_file
 from samtune.inference.segment import list_images, segment_everything, segment_prompts
 from samtune.model.factory import build_model
+from samtune.predict.auto import build_mask_generator, explain_no_masks, filter_stats
+from samtune.predict.modes import PREDICT_MODES
+from samtune.predict.zoom import zoom_config
 from samtune.utils.device import eval_device
 from samtune.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "box", "points")
+MODES = PREDICT_MODES
 
 
 def _path(value: object, key: str) -> Path:

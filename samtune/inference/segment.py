@@ -10,10 +10,11 @@ import torch
 from pycocotools import mask as mask_utils
 
 from samtune.data.io import IMAGE_EXTENSIONS
-from samtune.evaluation.auto import MaskGenerator, ZoomedMaskGenerator, encode_masks, generate_masks
-from samtune.evaluation.decoding import decode_prompts
-from samtune.evaluation.zoom import ZoomConfig, decode_prompts_zoomed
 from samtune.model.promptable_sam import PromptableSam
+from samtune.predict.auto import MaskGenerator, ZoomedMaskGenerator, encode_masks, generate_masks
+from samtune.predict.modes import prompt_mode
+from samtune.predict.segmenter import Segmenter
+from samtune.predict.zoom import ZoomConfig
 
 
 @dataclass
@@ -101,28 +102,19 @@ def segment_prompts(
     """
     if not prompts:
         return []
+    kind = prompt_mode(mode)
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
-        groups.setdefault(0 if mode == "box" else len(p["points"]["points"]), []).append(i)
-    embedded = None
-    if zoom is None:
-        x, input_size, original_size = model.prepare_image(image)
-        embedded = (model.embed(x), input_size, original_size)
+        groups.setdefault(0 if kind.is_box else len(p[kind.key]["points"]), []).append(i)
+    segmenter = Segmenter(model, zoom, stability_offset=stability_offset)
+    embedded = segmenter.embed(image) if zoom is None else None
     out: list[MaskPrediction | None] = [None] * len(prompts)
     for k, idx in groups.items():
         group = [prompts[i] for i in idx]
-        multimask = mode == "points" and k == 1
-        if embedded is None:
-            chunks = decode_prompts_zoomed(model, image, group, mode, multimask=multimask, cfg=zoom,
-                                           stability_offset=stability_offset)
-        else:
-            emb, input_size, original_size = embedded
-            chunks = decode_prompts(model, emb, group, mode, input_size=input_size, original_size=original_size,
-                                    multimask=multimask, stability_offset=stability_offset)
-        for pred in chunks:
+        for pred in segmenter.segment(image, group, kind.key, multimask=kind.multimask_for(k), embedded=embedded):
             for j, i in enumerate(idx[pred.index]):
                 p = prompts[i]
-                prompt = {"box": p["box"]} if mode == "box" else dict(p["points"])
+                prompt = {"box": p["box"]} if kind.is_box else dict(p[kind.key])
                 out[i] = MaskPrediction.from_mask(pred.masks[j].numpy(), float(pred.pred_iou[j]),
                                                   float(pred.stability[j]), prompt, i)
     return [m for m in out if m is not None]
@@ -130,7 +122,7 @@ def segment_prompts(
 
 def segment_everything(generator: MaskGenerator | ZoomedMaskGenerator, image: np.ndarray) -> list[MaskPrediction]:
     """All masks the automatic mask generator keeps for ``image``, largest first (``generator`` from
-    :func:`samtune.evaluation.auto.build_mask_generator`: masks as COCO RLE)."""
+    :func:`samtune.predict.auto.build_mask_generator`: masks as COCO RLE)."""
     return [
         MaskPrediction(m["segmentation"], float(m["predicted_iou"]), float(m["stability_score"]),
                        {"point": [float(v) for v in m["point_coords"][0]]})

@@ -1,4 +1,4 @@
-"""Automatic mask generation ("segment everything") and its matching to ground truth.
+"""Automatic mask generation ("segment everything").
 
 The masks come from segment_anything's own :class:`SamAutomaticMaskGenerator` (a grid of point prompts,
 filtered by predicted IoU and stability score, de-duplicated by NMS) run on samtune's model; its
@@ -10,9 +10,7 @@ the predicted-IoU / stability filters and NMS apply to those answers. Objects a 
 (nuclei, PCB defects) are segmented at a scale the model sees them, and the IoU head judges a mask where it can:
 on the shipped ``sam_tiny`` at ``nuclei`` the whole-image masks that match a nucleus have predicted IoU 0.21
 (median), the zoomed answers rank far better (README, "Segment everything").
-Evaluation matches them to the ground-truth instances: the best IoU of each ground-truth instance over all
-generated masks (its mean is the mode's mIoU), and a one-to-one matching at IoU >= 0.5 for precision and
-recall.
+Evaluation matches them to the ground-truth instances (:mod:`samtune.evaluation.matching`).
 """
 
 from __future__ import annotations
@@ -27,8 +25,9 @@ from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.utils.amg import MaskData, calculate_stability_score
 
-from samtune.metrics import mask_iou_matrix, match_one_to_one
 from samtune.model.promptable_sam import PromptableSam
+from samtune.predict.segmenter import Segmenter
+from samtune.predict.zoom import ZoomConfig, prompt_window
 
 AMG_PARAMS = (
     "points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
@@ -37,7 +36,6 @@ AMG_PARAMS = (
 )
 # the prompt-focused zoom of ZoomedMaskGenerator (zoom: null or absent = segment_anything's generator alone)
 ZOOM_PARAMS = ("zoom", "candidate_pred_iou_thresh", "candidate_stability_thresh", "candidate_nms_thresh")
-MATCH_IOU = 0.5
 
 
 @dataclass
@@ -148,10 +146,10 @@ class MaskGenerator(SamAutomaticMaskGenerator):
 class ZoomedMaskGenerator:
     """Automatic masks segmented in prompt-focused zoom: :class:`MaskGenerator` proposes candidates (its own
     filters and NMS set loose: ``candidate_*``), each candidate's box is segmented again in a square crop of
-    ``zoom`` times its extent resized to the model input (:func:`samtune.evaluation.zoom.decode_prompts_zoomed`,
-    the box path of ``eval.zoom``), and the answers are kept by predicted IoU (``pred_iou_thresh``) and stability
-    (``stability_score_thresh``), then de-duplicated by box NMS (``box_nms_thresh``), as segment_anything does with
-    its own masks.
+    ``zoom`` times its extent resized to the model input (:class:`samtune.predict.segmenter.Segmenter` in
+    prompt-focused zoom, the box path of ``eval.zoom``), and the answers are kept by predicted IoU
+    (``pred_iou_thresh``) and stability (``stability_score_thresh``), then de-duplicated by box NMS
+    (``box_nms_thresh``), as segment_anything does with its own masks.
 
     It answers like the generator: ``generate(image)`` gives the same dicts (``point_coords`` is the grid point of
     the candidate, ``crop_box`` the zoom window), ``stats`` counts the final filters (``candidate_stats`` the
@@ -163,10 +161,9 @@ class ZoomedMaskGenerator:
                  box_nms_thresh: float = 0.7, candidate_pred_iou_thresh: float = 0.0,
                  candidate_stability_thresh: float = 0.0, candidate_nms_thresh: float = 0.5,
                  min_mask_region_area: int = 0, **amg) -> None:
-        from samtune.evaluation.zoom import ZoomConfig
-
         self.model = model
         self.zoom = ZoomConfig(context=float(zoom))  # validates (context >= 1)
+        self.segmenter = Segmenter(model, self.zoom, stability_offset=float(stability_score_offset))
         self.pred_iou_thresh = float(pred_iou_thresh)
         self.stability_score_thresh = float(stability_score_thresh)
         self.stability_score_offset = float(stability_score_offset)
@@ -183,8 +180,6 @@ class ZoomedMaskGenerator:
     def generate(self, image: np.ndarray) -> list[dict]:
         from torchvision.ops import batched_nms
 
-        from samtune.evaluation.zoom import decode_prompts_zoomed, prompt_window
-
         h, w = image.shape[:2]
         candidates = self.candidates.generate(image)
         if not candidates:
@@ -193,8 +188,7 @@ class ZoomedMaskGenerator:
         prompts = [{"box": [x, y, x + max(bw - 1, 0), y + max(bh - 1, 0)]} for x, y, bw, bh in
                    (c["bbox"] for c in candidates)]
         kept: list[dict] = []
-        for pred in decode_prompts_zoomed(self.model, image, prompts, "box", multimask=False, cfg=self.zoom,
-                                          stability_offset=self.stability_score_offset):
+        for pred in self.segmenter.segment(image, prompts, "box", multimask=False):
             passed = pred.pred_iou > self.pred_iou_thresh
             self.stats.add_scores(pred.pred_iou, passed)
             stable = pred.stability[passed] >= self.stability_score_thresh
@@ -315,30 +309,3 @@ def encode_masks(masks: Iterable[np.ndarray] | np.ndarray) -> list[dict]:
         rle["counts"] = rle["counts"].decode("ascii")
         rles.append(rle)
     return rles
-
-
-@dataclass
-class AutoMatch:
-    """Generated masks of one image against its ground truth.
-
-    Attributes:
-        best_iou: G best IoU of each ground-truth instance over all generated masks (0 without masks).
-        best_pred: G index of that generated mask (-1 without masks).
-        pred_best_iou: P best IoU of each generated mask over all ground-truth instances (its "true IoU").
-        true_positives: Matched pairs of the one-to-one matching at IoU >= ``MATCH_IOU``.
-    """
-
-    best_iou: np.ndarray
-    best_pred: np.ndarray
-    pred_best_iou: np.ndarray
-    true_positives: int
-
-
-def match_to_ground_truth(pred_rles: list[dict], gt_rles: list[dict]) -> AutoMatch:
-    """Match generated masks (RLEs) to ground-truth instances (RLEs)."""
-    iou = mask_iou_matrix(pred_rles, gt_rles)
-    p, g = iou.shape
-    best_iou = iou.max(0) if p else np.zeros(g)
-    best_pred = iou.argmax(0) if p else np.full(g, -1)
-    pred_best = iou.max(1) if g else np.zeros(p)
-    return AutoMatch(best_iou, best_pred, pred_best, len(match_one_to_one(iou, MATCH_IOU)))

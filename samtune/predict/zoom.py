@@ -17,9 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from samtune.data.zoom import zoom_window
-from samtune.evaluation.decoding import PromptPrediction, decode_prompts, finish_logits
 from samtune.model.memory import crops_per_call
 from samtune.model.promptable_sam import PromptableSam
+from samtune.predict.decoding import PromptPrediction, decode_prompts, finish_logits
 
 # one_point_whole: a one-point answer is cut by its crop when it covers more than CUT_BORDER_SHARE of the crop's edges
 # inside the image; a crop holds it when it covers at most HOLD_BORDER_SHARE (both chosen on the val splits of the

@@ -1,8 +1,9 @@
 """Decode prompts against one image embedding, exactly as ``SamPredictor`` would.
 
-Shared by evaluation (fixed prompts), iterative clicks and inference (``scripts/predict.py``): prompts
-in original-image pixels are mapped into the model's input frame, decoded in batched chunks, and the
-chosen output is post-processed back to the original size and thresholded at SAM's ``mask_threshold``.
+The whole-image path of :class:`samtune.predict.segmenter.Segmenter` (the prompt-focused zoom path is
+:mod:`samtune.predict.zoom`): prompts in original-image pixels are mapped into the model's input frame, decoded in
+batched chunks, and the chosen output is post-processed back to the original size and thresholded at SAM's
+``mask_threshold``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ import torch
 from segment_anything.utils.amg import calculate_stability_score
 
 from samtune.model.promptable_sam import PromptableSam
-
-# As SAM recommends: a box or several points use the single-mask output, one point the best multimask output.
-MULTIMASK = {"box": False, "point1": True, "point3": False}
+from samtune.predict.modes import prompt_mode
 
 
 class PromptPrediction(NamedTuple):
@@ -107,13 +106,15 @@ def decode_prompts(
         mode: Which prompt field to read.
         input_size: (h, w) of the resized image before padding.
         original_size: (H, W) of the image.
-        multimask: Output choice (default: ``MULTIMASK[mode]``).
+        multimask: Output choice (default: the mode's, :class:`samtune.predict.modes.PromptMode`; as SAM
+            recommends, a box or several points use the single-mask output, one point the best multimask output).
         stability_offset: See :func:`finish_logits`.
         chunk: Prompts per decoder call.
         output: Take this decoder output for every prompt (see :func:`finish_logits`).
     """
     if multimask is None:
-        multimask = MULTIMASK[mode]
+        n_points = 0 if mode == "box" or not prompts else len(prompts[0][mode]["points"])
+        multimask = prompt_mode(mode).multimask_for(n_points)
     tensors = prompt_tensors(prompts, mode) if prompts else {}
     dev = model.device
     for start in range(0, len(prompts), chunk):

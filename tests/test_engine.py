@@ -189,14 +189,14 @@ def test_ema_teacher_supervises_unlabelled_images_and_follows_the_student():
     batch = {**tiny_batch(), "kind": ["teacher"], "weight": torch.tensor([1.0])}
     with torch.no_grad():  # a student whose box predictions are not empty, so the teacher has targets
         module.model.sam.mask_decoder.output_hypernetworks_mlps[0].layers[-1].bias.fill_(0.5)
-    module.teacher[0]["mask_decoder"].load_state_dict(module.model.sam.mask_decoder.state_dict())
+    module.teacher.parts["mask_decoder"].load_state_dict(module.model.sam.mask_decoder.state_dict())
     loss = module.training_step(batch, 0)
     assert torch.isfinite(loss) and loss > 0
     loss.backward()
     grads = [p.grad for p in module.model.sam.mask_decoder.parameters() if p.grad is not None]
-    assert grads and all(not any(p.requires_grad for p in m.parameters()) for m in module.teacher[0].values())
+    assert grads and all(not any(p.requires_grad for p in m.parameters()) for m in module.teacher.parts.values())
     student = module.model.sam.mask_decoder.output_upscaling[0].weight
-    teacher = module.teacher[0]["mask_decoder"].output_upscaling[0].weight
+    teacher = module.teacher.parts["mask_decoder"].output_upscaling[0].weight
     with torch.no_grad():
         student.add_(1.0)
     before = teacher.clone()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from samtune.losses import LossOutput, SamLoss
 from samtune.metrics import InstanceMaskMetrics
@@ -31,6 +30,7 @@ from samtune.training.param_groups import (
     reinitialise,
     restrict_trainable,
 )
+from samtune.training.teacher import EmaTeacher
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,9 @@ class SamTuneModule(L.LightningModule):
         seed: Base seed of the per-step prompt generators.
         embedding_cache: Read/write image embeddings here instead of running the frozen encoder on every
             step (``decoder_only`` only; batches must carry ``cache_key``, see :class:`SamDataset`).
-        teacher: Semi-supervised training of the data engine (``engine.semi``): ``ema`` (teacher decay),
-            ``confidence`` (teacher pixels trusted when ``|2p - 1|`` reaches it), ``feature_dropout`` (the
-            student's perturbed view), ``weight`` (loss weight of unlabelled images). Images of kind ``teacher``
-            are then supervised by an EMA copy of the prompt encoder and mask decoder on the clean embedding,
-            while the student sees a dropped-out embedding and jittered boxes; None: no teacher.
+        teacher: Semi-supervised training of the data engine (``engine.semi``: ``ema``, ``confidence``,
+            ``feature_dropout``, ``weight``): images of kind ``teacher`` are then supervised by an
+            :class:`~samtune.training.teacher.EmaTeacher`; None: no teacher.
     """
 
     def __init__(
@@ -155,19 +153,11 @@ class SamTuneModule(L.LightningModule):
         model.gradient_checkpointing = bool(gradient_checkpointing) and self.train_image_encoder
         if not any(p.requires_grad for p in self.parameters()):
             raise ValueError("finetune: every part of the model is frozen; nothing would train")
-        self.teacher_cfg = dict(teacher) if teacher else None
-        self.teacher = None
-        if self.teacher_cfg is not None:
+        self.teacher: EmaTeacher | None = None
+        if teacher:
             if not kind.encoder_frozen:
                 raise ValueError("engine.semi: the EMA teacher shares the frozen image encoder; use finetune=decoder_only")
-            for key, (lo, hi) in {"ema": (0, 1), "confidence": (0, 1), "feature_dropout": (0, 0.95)}.items():
-                if not lo <= float(self.teacher_cfg.get(key, 0.5)) <= hi:
-                    raise ValueError(f"engine.semi.{key} must be in [{lo}, {hi}], got {self.teacher_cfg[key]}")
-            import copy
-
-            # Not a submodule: the teacher is rebuilt from the student, never checkpointed or optimised.
-            self.teacher = [copy.deepcopy(torch.nn.ModuleDict({"prompt_encoder": sam.prompt_encoder,
-                                                               "mask_decoder": sam.mask_decoder})).requires_grad_(False)]
+            self.teacher = EmaTeacher(sam, teacher)
         self.val_metrics = torch.nn.ModuleDict({"box": InstanceMaskMetrics(), "point1": InstanceMaskMetrics()})
         self.zoomed_val: tuple | None = None  # see use_zoomed_validation
         # Fingerprint of the weights left out of checkpoints, to recognise their base later.
@@ -234,9 +224,9 @@ class SamTuneModule(L.LightningModule):
             if batch.get("kind", ["labeled"] * len(embeddings))[b] == "teacher":
                 if self.teacher is None:
                     raise ValueError("a batch holds unlabelled (teacher) images but the module has no teacher")
-                out = self._teacher_loss(embeddings[b : b + 1], gt.cpu(), gen)
+                out = self.teacher.loss(self.model, embeddings[b : b + 1], gt.cpu(), gen)
                 if out is not None:
-                    losses.append(out * weight * float(self.teacher_cfg.get("weight", 1.0)))
+                    losses.append(out * weight * self.teacher.weight)
                     self.log("train/teacher_loss", out.mean().detach(), batch_size=len(out))
                 continue
             gt_cpu = gt.cpu()
@@ -275,54 +265,13 @@ class SamTuneModule(L.LightningModule):
                 self.log(f"train/{key}", torch.cat(values).float().mean(), batch_size=n)
         return loss
 
-    def _teacher_loss(self, embedding: torch.Tensor, proposals: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
-        """Per-prompt loss of the student against the EMA teacher on one unlabelled image.
-
-        ``proposals`` (masks the engine proposed for the image) only place the boxes. The teacher decodes the
-        exact boxes on the clean embedding; the student decodes jittered boxes on a dropped-out embedding and is
-        trained (BCE + dice) on the teacher's binarised mask, on pixels where the teacher is confident.
-        """
-        teacher = self.teacher[0].to(embedding.device)
-        boxes = masks_to_boxes(proposals).float()
-        with torch.no_grad():
-            sparse, dense = teacher["prompt_encoder"](points=None, boxes=boxes.to(embedding.device), masks=None)
-            t_logits, _ = teacher["mask_decoder"].predict_masks(
-                image_embeddings=embedding, image_pe=teacher["prompt_encoder"].get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
-            prob = self.model.upscale_to_input(t_logits[:, :1]).sigmoid()[:, 0]
-            target = (prob > 0.5).float()
-            trusted = ((2 * prob - 1).abs() >= float(self.teacher_cfg.get("confidence", 0.5))).float()
-        keep = target.flatten(1).sum(-1) > 0
-        if not bool(keep.any()):
-            return None
-        side = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1).repeat(1, 2)
-        noise = torch.randn(boxes.shape, generator=gen) * 0.05 * side
-        jittered = (boxes + noise).clamp(0, self.model.img_size - 1)
-        dropped = F.dropout(embedding, p=float(self.teacher_cfg.get("feature_dropout", 0.5)), training=True)
-        logits, _ = self.model.decode(dropped, boxes=jittered[keep].to(embedding.device))
-        student = self.model.upscale_to_input(logits[:, :1])[:, 0]
-        target, trusted = target[keep], trusted[keep]
-        bce = F.binary_cross_entropy_with_logits(student, target, reduction="none")
-        bce = (bce * trusted).flatten(1).sum(-1) / trusted.flatten(1).sum(-1).clamp(min=1)
-        probs = student.sigmoid() * trusted
-        dice = 1 - (2 * (probs * target).flatten(1).sum(-1) + 1) / (probs.flatten(1).sum(-1) + (target * trusted).flatten(1).sum(-1) + 1)
-        return bce + dice
-
     def on_train_start(self) -> None:
         if self.teacher is not None and self.global_step > 0:
-            # Resumed from a checkpoint (which holds no teacher): the teacher restarts from the restored student.
-            for name, module in self.teacher[0].items():
-                module.load_state_dict(getattr(self.model.sam, name).state_dict())
+            self.teacher.reset_from(self.model.sam)  # resumed: checkpoints hold no teacher
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self.teacher is None:
-            return
-        decay = float(self.teacher_cfg.get("ema", 0.99))
-        student = {"prompt_encoder": self.model.sam.prompt_encoder, "mask_decoder": self.model.sam.mask_decoder}
-        with torch.no_grad():
-            for name, module in self.teacher[0].items():
-                for t, s_ in zip(module.parameters(), student[name].parameters(), strict=True):
-                    t.mul_(decay).add_(s_.detach().to(t.device), alpha=1 - decay)
+        if self.teacher is not None:
+            self.teacher.update(self.model.sam)
 
     def on_train_epoch_end(self) -> None:
         if self.embedding_cache is not None:

@@ -23,15 +23,12 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from samtune.model.build import CHECKPOINT_HELP, OFFICIAL_CHECKPOINTS, SamArch, infer_arch, name_arch
+from samtune.model.errors import CheckpointError
 from samtune.model.lora import plain_state_dict
 from samtune.model.training_checkpoint import META_KEY, resolve_training_state
 from samtune.utils.io import temp_file_beside
 
 LIGHTNING_PREFIX = "model.sam."
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or does not fit the chosen model."""
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> object:
@@ -100,7 +97,8 @@ def state_dict_from_checkpoint(
             overrides = dict(settings or {})
             if base_checkpoint is not None:
                 overrides["base_checkpoint"] = str(base_checkpoint)
-            return resolve_training_state(source, state, meta, settings=overrides, defaults=defaults)
+            return resolve_training_state(source, state, meta, settings=overrides, defaults=defaults,
+                                          read_base=read_state_dict)
         return state
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]

@@ -37,6 +37,7 @@ from samtune.model.checkpoint import (
     state_dict_from_checkpoint,
 )
 from samtune.model.training_checkpoint import META_KEY, settings_from_meta
+from samtune.training.finetune_modes import finetune_mode
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,8 @@ def settings_from_config(cfg, run_dir: Path | None = None) -> dict:
         out["base_checkpoint"] = str(base)
     elif OmegaConf.select(cfg, "model") is not None:
         out["base_checkpoint"] = None  # the run started from random weights
-    if OmegaConf.select(cfg, "finetune.mode") == "lora" and OmegaConf.select(cfg, "finetune.lora") is not None:
+    mode = OmegaConf.select(cfg, "finetune.mode", default=None)
+    if mode is not None and finetune_mode(mode).uses_adapters and OmegaConf.select(cfg, "finetune.lora") is not None:
         out["lora"] = OmegaConf.to_container(cfg.finetune.lora)
     return out
 

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from samtune.model.build import build_sam_from_arch, build_seeded_sam, infer_arch, resolve_arch
+from samtune.model.errors import CheckpointError
+from samtune.model.lora import apply_lora, plain_state_dict
 
 META_KEY = "samtune"
 META_FORMAT = 1
@@ -71,9 +73,8 @@ def settings_from_meta(meta: Mapping | None) -> dict:
     return out
 
 
-def _base_state(source: str, settings: Mapping, n_omitted: int) -> dict[str, torch.Tensor]:
-    from samtune.model.checkpoint import CheckpointError, read_state_dict
-
+def _base_state(source: str, settings: Mapping, n_omitted: int,
+                read_base: Callable[[str], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     how = (
         "Pass the base weights explicitly: `python scripts/export.py ckpt=CKPT base=PATH out=plain.pth` "
         "writes a complete state dict (or, in Python, build_model(..., base_checkpoint=PATH))."
@@ -85,7 +86,7 @@ def _base_state(source: str, settings: Mapping, n_omitted: int) -> dict[str, tor
                 f"{source} stores only the trained weights ({n_omitted} frozen tensors are not in it); they come "
                 f"from its base checkpoint {base}, which is not found. {how}"
             )
-        return read_state_dict(base)
+        return read_base(str(base))
     if "base_checkpoint" not in settings or not settings.get("model_type"):
         raise CheckpointError(
             f"{source} stores only the trained weights ({n_omitted} frozen tensors are not in it) and does not "
@@ -102,6 +103,7 @@ def resolve_training_state(
     *,
     settings: Mapping | None = None,
     defaults: Mapping | None = None,
+    read_base: Callable[[str], dict[str, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
     """Complete, plain segment_anything state dict of a samtune training checkpoint.
 
@@ -113,14 +115,14 @@ def resolve_training_state(
             ``lora`` (None values are ignored).
         defaults: Values used only where the checkpoint records nothing (e.g. a run's config); here
             ``base_checkpoint: None`` means "started from random weights".
+        read_base: Reads a base checkpoint's complete state dict
+            (:func:`samtune.model.checkpoint.read_state_dict`, which calls this function for training checkpoints:
+            passed in, so that neither module imports the other).
 
     Raises:
         CheckpointError: base weights missing or different from the ones trained on; LoRA weights
             without LoRA settings, or settings that do not fit them.
     """
-    from samtune.model.checkpoint import CheckpointError
-    from samtune.model.lora import apply_lora, plain_state_dict
-
     source = str(source)
     merged = {k: v for k, v in (defaults or {}).items() if k in SETTING_KEYS}
     merged.update(settings_from_meta(meta))
@@ -128,7 +130,7 @@ def resolve_training_state(
     recorded = (meta or {}).get("base_fingerprint") or {}
     full: dict[str, torch.Tensor] = {}
     if recorded:
-        base = {k: v.float() if v.is_floating_point() else v for k, v in _base_state(source, merged, len(recorded)).items()}
+        base = {k: v.float() if v.is_floating_point() else v for k, v in _base_state(source, merged, len(recorded), read_base).items()}
         bad = fingerprint_mismatches(recorded, base)
         if bad:
             raise CheckpointError(

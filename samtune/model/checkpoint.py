@@ -25,10 +25,10 @@ from torch import nn
 from samtune.model.build import CHECKPOINT_HELP, OFFICIAL_CHECKPOINTS, SamArch, infer_arch, name_arch
 from samtune.model.errors import CheckpointError
 from samtune.model.lora import plain_state_dict
-from samtune.model.training_checkpoint import META_KEY, resolve_training_state
+from samtune.model.training_checkpoint import META_KEY, SAM_PREFIX, resolve_training_state
 from samtune.utils.io import temp_file_beside
 
-LIGHTNING_PREFIX = "model.sam."
+LIGHTNING_PREFIX = SAM_PREFIX
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> object:

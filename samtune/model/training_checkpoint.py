@@ -15,6 +15,11 @@ seed)`` reproduce exactly. :func:`resolve_training_state` rebuilds the complete 
 weights, the stored weights on top, LoRA merged. If the base file is gone it stops with an error
 that says which file is needed and how to pass another copy (``base_checkpoint=``, or
 ``scripts/export.py ... base=PATH``); the fingerprint catches a base with different weights.
+
+Both sides of this format live here: what a training run leaves out when it saves
+(:func:`frozen_state_keys`, :func:`strip_frozen`), how a run that resumes or reloads a checkpoint completes it
+from its own live weights (:func:`complete_partial_state`), and how a file alone is completed
+(:func:`resolve_training_state`).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from samtune.model.lora import apply_lora, plain_state_dict
 
 META_KEY = "samtune"
 META_FORMAT = 1
+SAM_PREFIX = "model.sam."  # the SAM weights' prefix in a Lightning checkpoint's state_dict
 SETTING_KEYS = ("model_type", "arch", "seed", "base_checkpoint", "lora")
 
 
@@ -61,6 +67,65 @@ def fingerprint_mismatches(recorded: Mapping[str, list[float]], base: Mapping[st
         if not (math.isclose(now[0], total, abs_tol=tol) and math.isclose(now[1], abs_total, abs_tol=tol)):
             bad.append(key)
     return bad
+
+
+def frozen_state_keys(module: torch.nn.Module, prefix: str = SAM_PREFIX) -> set[str]:
+    """State-dict keys of ``module`` left out of its checkpoints: frozen parameters, and the buffers of SAM
+    components (image encoder, prompt encoder, mask decoder) that have nothing to train."""
+    params = dict(module.named_parameters())
+    trained_parts = {n[len(prefix):].split(".")[0] for n, p in params.items() if p.requires_grad}
+    frozen = set()
+    for key in module.state_dict(keep_vars=True):
+        if not key.startswith(prefix):
+            continue
+        if key in params:
+            if not params[key].requires_grad:
+                frozen.add(key)
+        elif key[len(prefix):].split(".")[0] not in trained_parts:
+            frozen.add(key)
+    return frozen
+
+
+def strip_frozen(checkpoint: dict, frozen: Iterable[str], record: Mapping) -> None:
+    """Leave the ``frozen`` weights out of a Lightning ``checkpoint`` about to be saved and record, under
+    :data:`META_KEY`, where they come from (``record``, see the module docstring)."""
+    state = checkpoint["state_dict"]
+    for key in frozen:
+        state.pop(key, None)
+    checkpoint[META_KEY] = dict(record)
+
+
+def check_saved_mode(meta: Mapping, mode: str) -> None:
+    """Refuse a checkpoint trained in another ``finetune.mode`` than ``mode``."""
+    saved_mode = (meta.get("finetune") or {}).get("mode")
+    if saved_mode and saved_mode != mode:
+        raise ValueError(f"the checkpoint was trained with finetune={saved_mode}, this run uses finetune={mode}")
+
+
+def complete_partial_state(state: dict, meta: Mapping, own: Mapping[str, torch.Tensor], frozen: set[str],
+                           prefix: str = SAM_PREFIX) -> None:
+    """Complete a loaded checkpoint's ``state`` (which leaves ``frozen`` out) with the live model's weights
+    ``own``, after checking that every trained weight is there and that the frozen ones are those it was trained
+    on (the recorded ``base_fingerprint``).
+
+    Raises:
+        ValueError: trained weights missing (other finetune settings), or frozen weights from another base.
+    """
+    missing = sorted(k for k in own if k.startswith(prefix) and k not in frozen and k not in state)
+    if missing:
+        raise ValueError(
+            f"the checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}: it was saved with "
+            "other finetune settings"
+        )
+    recorded = meta.get("base_fingerprint") or {}
+    bad = fingerprint_mismatches(recorded, {plain_key(k[len(prefix):]): v for k, v in own.items()})
+    if bad:
+        raise ValueError(
+            f"the checkpoint's frozen weights came from another base ({(meta.get('base') or {}).get('base_checkpoint')}) "
+            f"than this run's model.checkpoint ({len(bad)} tensors differ, e.g. {bad[:3]})"
+        )
+    for key in frozen:
+        state.setdefault(key, own[key])
 
 
 def settings_from_meta(meta: Mapping | None) -> dict:

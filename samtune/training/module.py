@@ -20,7 +20,16 @@ from samtune.metrics import InstanceMaskMetrics
 from samtune.model.embedding_cache import EmbeddingCache
 from samtune.model.lora import LoraSettings, apply_lora
 from samtune.model.promptable_sam import PromptableSam
-from samtune.model.training_checkpoint import META_FORMAT, META_KEY, fingerprint, fingerprint_mismatches
+from samtune.model.training_checkpoint import (
+    META_FORMAT,
+    META_KEY,
+    SAM_PREFIX,
+    check_saved_mode,
+    complete_partial_state,
+    fingerprint,
+    frozen_state_keys,
+    strip_frozen,
+)
 from samtune.prompts import PromptGroup, PromptSimulator, center_points, masks_to_boxes
 from samtune.training.finetune_modes import finetune_mode
 from samtune.training.param_groups import (
@@ -34,7 +43,6 @@ from samtune.training.teacher import EmaTeacher
 
 log = logging.getLogger(__name__)
 
-SAM_PREFIX = "model.sam."
 
 
 class SamTuneModule(L.LightningModule):
@@ -372,20 +380,8 @@ class SamTuneModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def frozen_state_keys(self) -> set[str]:
-        """State-dict keys left out of checkpoints: frozen parameters, and the buffers of SAM
-        components (image encoder, prompt encoder, mask decoder) that have nothing to train."""
-        params = dict(self.named_parameters())
-        trained_parts = {n[len(SAM_PREFIX):].split(".")[0] for n, p in params.items() if p.requires_grad}
-        frozen = set()
-        for key in self.state_dict(keep_vars=True):
-            if not key.startswith(SAM_PREFIX):
-                continue
-            if key in params:
-                if not params[key].requires_grad:
-                    frozen.add(key)
-            elif key[len(SAM_PREFIX):].split(".")[0] not in trained_parts:
-                frozen.add(key)
-        return frozen
+        """State-dict keys left out of checkpoints (:func:`samtune.model.training_checkpoint.frozen_state_keys`)."""
+        return frozen_state_keys(self, SAM_PREFIX)
 
     def checkpoint_record(self) -> dict:
         """What ``checkpoint["samtune"]`` records (see :mod:`samtune.model.training_checkpoint`)."""
@@ -398,10 +394,7 @@ class SamTuneModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Leave frozen weights out (they come from ``model.checkpoint``) and record their origin."""
-        state = checkpoint["state_dict"]
-        for key in self.frozen_state_keys():
-            state.pop(key, None)
-        checkpoint[META_KEY] = self.checkpoint_record()
+        strip_frozen(checkpoint, self.frozen_state_keys(), self.checkpoint_record())
 
     def check_optimizer_layout(self, checkpoint: dict) -> None:
         """Refuse to resume an optimizer state whose parameter groups this run's settings would not make.
@@ -447,30 +440,11 @@ class SamTuneModule(L.LightningModule):
                 resuming) its optimizer state has other parameter groups than this run's settings make.
         """
         meta = checkpoint.get(META_KEY) or {}
-        saved_mode = (meta.get("finetune") or {}).get("mode")
-        if saved_mode and saved_mode != self.mode:
-            raise ValueError(f"the checkpoint was trained with finetune={saved_mode}, this run uses finetune={self.mode}")
+        check_saved_mode(meta, self.mode)
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.state.fn == "fit":  # resuming: the optimizer state comes next
             self.check_optimizer_layout(checkpoint)
-        state = checkpoint["state_dict"]
-        own = self.state_dict()
-        frozen = self.frozen_state_keys()
-        missing = sorted(k for k in own if k.startswith(SAM_PREFIX) and k not in frozen and k not in state)
-        if missing:
-            raise ValueError(
-                f"the checkpoint lacks {len(missing)} trained weights, e.g. {missing[:3]}: it was saved with "
-                "other finetune settings"
-            )
-        recorded = meta.get("base_fingerprint") or {}
-        bad = fingerprint_mismatches(recorded, {k[len(SAM_PREFIX):].replace(".base_layer.", "."): v for k, v in own.items()})
-        if bad:
-            raise ValueError(
-                f"the checkpoint's frozen weights came from another base ({(meta.get('base') or {}).get('base_checkpoint')}) "
-                f"than this run's model.checkpoint ({len(bad)} tensors differ, e.g. {bad[:3]})"
-            )
-        for key in frozen:
-            state.setdefault(key, own[key])
+        complete_partial_state(checkpoint["state_dict"], meta, self.state_dict(), self.frozen_state_keys(), SAM_PREFIX)
 
     def load_training_checkpoint(self, path: str | Path) -> None:
         """Load a Lightning checkpoint's weights (partial ones included) into this module."""

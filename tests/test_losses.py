@@ -136,7 +136,7 @@ def test_pretrained_loss_rejects_an_unknown_name():
 
 
 def test_a_loss_other_than_the_starting_weights_is_warned_about():
-    from samtune.pipeline import check_loss
+    from samtune.training.fit import check_loss
 
     # the embedded generalist was trained with BCE + dice: SAM's focal loss is named as the mismatch
     message = check_loss(_compose("model=sam_tiny", "loss=sam", "model.checkpoint=g.pt"))

@@ -43,6 +43,8 @@ from samtune.engine.split import split_labeled
 from samtune.evaluation.job import MAIN, EvalJob
 from samtune.model.checkpoint import load_sam_weights, save_sam_weights
 from samtune.training.finetune_modes import finetune_mode
+from samtune.training.fit import fit
+from samtune.training.run_dir import run_overrides
 from samtune.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
@@ -80,14 +82,12 @@ def check_engine_config(cfg: DictConfig) -> None:
 def find_engine_run(current_dir: Path) -> Path:
     """The run directory to continue: ``current_dir`` if it holds an engine, else the newest sibling run of the
     same command (same overrides) with an unfinished engine, else ``current_dir``."""
-    from samtune.training.run_dir import _overrides
-
     if (current_dir / "engine").is_dir():
         return current_dir
-    wanted = _overrides(current_dir)
+    wanted = run_overrides(current_dir)
     if current_dir.parent.is_dir():
         for run in sorted((p for p in current_dir.parent.iterdir() if p.is_dir() and p != current_dir), reverse=True):
-            if (run / "engine").is_dir() and not (run / "engine" / "FINISHED.json").is_file() and _overrides(run) == wanted:
+            if (run / "engine").is_dir() and not (run / "engine" / "FINISHED.json").is_file() and run_overrides(run) == wanted:
                 log.info("Continuing the data engine of %s", run)
                 return run
     return current_dir
@@ -102,8 +102,6 @@ def _round_cfg(cfg: DictConfig, round_dir: Path) -> DictConfig:
 
 def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJob, root: Path) -> dict:
     """Run (or continue) the engine in ``run_dir``; return the flat metrics of the final model."""
-    from samtune.pipeline import fit
-
     engine = cfg.engine
     stages = plan(engine)
     d = cfg.data

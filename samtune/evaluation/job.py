@@ -13,10 +13,12 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from samtune.data.records import ImageRecord, load_record
+from samtune.data.resolve import dataset_root, scan_split
 from samtune.data.volumes import read_manifest, volume_dice
 from samtune.evaluation.evaluator import PROMPT_MODES, EvalResult, evaluate_model
 from samtune.evaluation.overlays import overlay_name, plot_clicks, save_overlays
@@ -121,6 +123,20 @@ class EvalJob:
         self._evaluated: dict[tuple[str, str], str] = {}  # (set, weights fingerprint) -> name evaluated with them
         main_modes = sets[0].modes
         self.map_mode = next((m for m in PROMPT_MODES if m in main_modes), None)
+
+    def set_engine(self, engine: dict, *, final: str, prefix: str = "round_") -> None:
+        """Report a data engine: its rounds (``engine``, see :func:`samtune.evaluation.report.engine_json`) and
+        the evaluation of its ``final`` round as ``finetuned``; the other rounds' evaluations (named ``prefix*``)
+        are in the rounds' table, not the model columns."""
+        for results in self.results.values():
+            if final in results:
+                results["finetuned"] = results.pop(final)
+            for name in [n for n in results if n.startswith(prefix)]:
+                results.pop(name)
+        if final in self.volumes:
+            self.volumes["finetuned"] = self.volumes.pop(final)
+        self.volumes = {n: v for n, v in self.volumes.items() if not n.startswith(prefix)}
+        self.engine = engine
 
     @property
     def main(self) -> EvalSet:
@@ -246,3 +262,34 @@ def report_metrics(report: dict) -> dict[str, float]:
     for set_name, ex in (report.get("extra_sets") or {}).items():
         add(f"extra/{set_name}", ex)
     return {k: (float("nan") if v is None else float(v)) for k, v in out.items()}
+
+
+EXTRA_SET_DEFAULTS = {
+    "name": None, "source": "folder", "root": None, "split": "test", "generator": None, "generator_params": {},
+    "binary_as_one_object": False, "skip_invalid": False, "modes": None, "prompts_file": None, "volume": None,
+}
+
+
+def eval_sets(cfg: DictConfig, root: Path, records: dict, skipped: list[dict]) -> list[EvalSet]:
+    """The evaluation split of ``data`` (first), then each ``eval.extra_sets`` entry (the forgetting check)."""
+    ev = cfg.eval
+    prompts_file = Path(hydra.utils.to_absolute_path(str(ev.prompts_file))) if ev.get("prompts_file") else None
+    sets = [EvalSet(MAIN, root, str(ev.split), records["eval"], skipped, bool(cfg.data.binary_as_one_object),
+                    list(ev.modes), prompts_file)]
+    for i, spec in enumerate(ev.get("extra_sets") or []):
+        where = f"eval.extra_sets[{i}]"
+        if not isinstance(spec, DictConfig):
+            raise ValueError(f"{where} must be a mapping like {{name: scenes, source: folder, root: DIR, split: test}}")
+        unknown = sorted(set(spec) - set(EXTRA_SET_DEFAULTS))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; valid: {sorted(EXTRA_SET_DEFAULTS)}")
+        d = OmegaConf.merge(EXTRA_SET_DEFAULTS, spec)
+        name = str(d.name or "")
+        if not name.replace("_", "").replace("-", "").isalnum() or name == MAIN or name in {s.name for s in sets}:
+            raise ValueError(f"{where}.name={d.name!r}: give each extra set a unique name of letters, digits, - or _")
+        set_root = dataset_root(d, where)
+        recs, bad = scan_split(d, set_root, str(d.split))
+        pf = Path(hydra.utils.to_absolute_path(str(d.prompts_file))) if d.prompts_file else None
+        sets.append(EvalSet(name, set_root, str(d.split), recs, bad, bool(d.binary_as_one_object),
+                            list(d.modes) if d.modes else list(ev.modes), pf))
+    return sets

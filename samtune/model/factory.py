@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from samtune.model.build import build_seeded_sam, resolve_arch
 from samtune.model.checkpoint import load_sam_weights
 from samtune.model.promptable_sam import PromptableSam
@@ -42,3 +44,9 @@ def build_model(
         load_sam_weights(sam, checkpoint, model_type=model_type, base_checkpoint=base_checkpoint)
         log.info("Loaded %s weights from %s", model_type, checkpoint)
     return PromptableSam(sam)
+
+
+def start_model(cfg: DictConfig) -> PromptableSam:
+    """The model of ``cfg.model`` with its starting checkpoint."""
+    return build_model(cfg.model.type, checkpoint=cfg.model.get("checkpoint"), arch=cfg.model.get("arch"),
+                       seed=int(cfg.seed))

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 LAST = Path("checkpoints") / "last.ckpt"
 
 
-def _overrides(run_dir: Path) -> list[str] | None:
+def run_overrides(run_dir: Path) -> list[str] | None:
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return None
@@ -46,10 +46,10 @@ def find_resumable_run(resume: bool | str, current_dir: Path) -> tuple[Path, Pat
         return run, run / LAST
     if (current_dir / LAST).is_file():  # hydra.run.dir=D given explicitly: D itself
         return current_dir, current_dir / LAST
-    wanted = _overrides(current_dir)
+    wanted = run_overrides(current_dir)
     candidates = sorted((p for p in current_dir.parent.iterdir() if p.is_dir() and p != current_dir), reverse=True)
     for run in candidates:
-        if (run / LAST).is_file() and _overrides(run) == wanted:
+        if (run / LAST).is_file() and run_overrides(run) == wanted:
             return run, run / LAST
     log.warning("resume=true: no earlier run of this command with %s under %s; starting a new run.", LAST, current_dir.parent)
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -330,3 +331,35 @@ def test_validation_evaluates_the_zoomed_views_the_report_uses(tmp_path):
         assert logged[f"val/miou_{mode}"] == pytest.approx(zoomed.summary[mode]["miou"], abs=1e-6)
     assert logged["val/miou"] == pytest.approx((logged["val/miou_box"] + logged["val/miou_point1"]) / 2)
     assert zoomed.summary["box"]["miou"] != pytest.approx(whole.summary["box"]["miou"], abs=1e-3)
+
+
+def test_zoom_settings_are_one_nested_definition_with_the_old_keys_as_aliases():
+    """eval.zoom (train, evaluate) and zoom (predict) are one config group; a number is short for its context, the
+    flat keys before it still work with a deprecation warning, and every command form composes."""
+    from hydra import compose, initialize_config_dir
+
+    nested = zoom_config(OmegaConf.create({"zoom": {"context": 2.0, "refine": 1, "min_frac": 0.1}}))
+    assert (nested.context, nested.refine, nested.min_frac) == (2.0, 1, 0.1)
+    assert zoom_config(OmegaConf.create({"zoom": {"context": None, "refine": 1}})) is None
+    with pytest.warns(FutureWarning, match=r"eval.zoom_refine is deprecated: use eval.zoom.refine"):
+        assert zoom_config(OmegaConf.create({"zoom": {"context": 2.0}, "zoom_refine": 3})).refine == 3
+    with pytest.raises(ValueError, match=r"eval.zoom: unknown keys \['refin'\]"):
+        zoom_config(OmegaConf.create({"zoom": {"context": 2.0, "refin": 1}}))
+    with pytest.raises(ValueError, match="eval.zoom must be null, a number"):
+        zoom_config(OmegaConf.create({"zoom": "wide"}))
+    root = Path(__file__).resolve().parents[1] / "configs"
+    with initialize_config_dir(str(root), version_base=None):
+        cases = {
+            ("train", "experiment=pcb"): (2.0, 0),
+            ("train", "experiment=generalist"): (2.0, 1),
+            ("train", "experiment=generalist eval.zoom=null"): None,
+            ("train", "eval.zoom=3"): (3.0, 0),
+            ("evaluate", "experiment=pcb eval.zoom.refine=2"): (2.0, 2),
+            ("predict", "input=x out=y"): None,
+            ("predict", "input=x out=y zoom=2"): (2.0, 0),
+            ("predict", "input=x out=y zoom.context=2 zoom.refine=1"): (2.0, 1),
+        }
+        for (name, overrides), want in cases.items():
+            cfg = compose(name, overrides=overrides.split())
+            got = zoom_config(cfg if name == "predict" else cfg.eval, "" if name == "predict" else "eval")
+            assert (got if got is None else (got.context, got.refine)) == want, (name, overrides)

@@ -40,7 +40,7 @@ def predict(cfg: DictConfig) -> dict:
     # ckpt= first; model.checkpoint (the default sam_tiny generalist) is only resolved when ckpt= is not given
     ckpt_value = cfg.get("ckpt") or OmegaConf.select(cfg, "model.checkpoint", default=None, throw_on_missing=False)
     ckpt = _path(ckpt_value, "ckpt")
-    zoom = zoom_config(cfg)
+    zoom = zoom_config(cfg, where="")
     if zoom is not None and mode == "auto":
         raise ValueError("zoom= applies to box and points prompts; mode=auto zooms with auto.zoom (a crop of that "
                          "many times each candidate's extent)")

@@ -8,6 +8,8 @@ always evaluated the same way, and the report says which.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,6 +22,8 @@ from samtune.data.zoom import zoom_window
 from samtune.model.memory import crops_per_call
 from samtune.model.promptable_sam import PromptableSam
 from samtune.predict.decoding import PromptPrediction, decode_prompts, finish_logits
+
+log = logging.getLogger(__name__)
 
 # one_point_whole: a one-point answer is cut by its crop when it covers more than CUT_BORDER_SHARE of the crop's edges
 # inside the image; a crop holds it when it covers at most HOLD_BORDER_SHARE (both chosen on the val splits of the
@@ -332,17 +336,44 @@ def _segment_in_windows(
     return masks, scores, stability
 
 
-def zoom_config(eval_cfg: DictConfig) -> ZoomConfig | None:
-    """``eval.zoom``: null (whole image), a context factor, or a mapping of :class:`ZoomConfig` fields;
-    ``eval.memory_budget_gb`` bounds the memory of the crops embedded per encoder call (a mapping's own
-    ``memory_budget_gb`` wins)."""
+# the flat keys that came before the nested eval.zoom mapping -> its field (still read, with a deprecation warning)
+FLAT_ALIASES = {"zoom_min_frac": "min_frac", "zoom_one_point_whole": "one_point_whole", "zoom_refine": "refine",
+                "zoom_refine_one_point": "refine_one_point"}
+
+
+def zoom_config(eval_cfg: DictConfig, where: str = "eval") -> ZoomConfig | None:
+    """The zoom settings of config node ``eval_cfg`` (``eval`` in training, the top level of ``predict.yaml``).
+
+    ``zoom`` is null (the whole image), a context factor (``eval.zoom=2``: that context, the other fields at their
+    defaults), or a mapping of :class:`ZoomConfig` fields (``configs/prompt_zoom/default.yaml``; ``context: null`` is the
+    whole image). ``memory_budget_gb`` beside it bounds the memory of the crops embedded per encoder call (a mapping's
+    own ``memory_budget_gb`` wins). The flat keys of :data:`FLAT_ALIASES` (``eval.zoom_refine=1``...) still set their
+    field, with a deprecation warning naming the new key.
+
+    Raises:
+        ValueError: ``zoom`` of another type, or a field out of range (naming ``eval.zoom.<field>``).
+    """
+    key = f"{where}." if where else ""
     z = eval_cfg.get("zoom")
     if z is None or z is False:
         return None
-    budget = eval_cfg.get("memory_budget_gb")
-    if isinstance(z, (int, float)):
-        return ZoomConfig(context=float(z), min_frac=float(eval_cfg.get("zoom_min_frac", 0.2)),
-                          refine=eval_cfg.get("zoom_refine", 0),
-                          one_point_whole=eval_cfg.get("zoom_one_point_whole", True),
-                          refine_one_point=eval_cfg.get("zoom_refine_one_point"), memory_budget_gb=budget)
-    return ZoomConfig(**{"memory_budget_gb": budget, **OmegaConf.to_container(z)})
+    if isinstance(z, (int, float)) and not isinstance(z, bool):
+        fields: dict = {"context": float(z)}
+    elif isinstance(z, (DictConfig, dict)):
+        fields = OmegaConf.to_container(z, resolve=True) if isinstance(z, DictConfig) else dict(z)
+        if fields.get("context") is None:
+            return None
+        unknown = sorted(set(fields) - set(ZoomConfig.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"{key}zoom: unknown keys {unknown}; valid: {sorted(ZoomConfig.__dataclass_fields__)}")
+    else:
+        raise ValueError(f"{key}zoom must be null, a number >= 1 or a mapping of zoom settings, got {z!r}")
+    for old, new in FLAT_ALIASES.items():
+        value = eval_cfg.get(old)
+        if value is not None:
+            message = f"{key}{old} is deprecated: use {key}zoom.{new}"
+            warnings.warn(message, FutureWarning, stacklevel=2)
+            log.warning(message)
+            fields[new] = value
+    fields.setdefault("memory_budget_gb", eval_cfg.get("memory_budget_gb"))
+    return ZoomConfig(**fields)

@@ -84,6 +84,25 @@ def test_engine_settings_are_checked_before_anything_runs():
             check_engine_config(cfg(**{key: bad}))
 
 
+def test_engine_settings_are_read_once_with_the_config_defaults():
+    """A partial engine config gets configs/engine/default.yaml's values, so both paths run the same engine."""
+    from omegaconf import OmegaConf
+
+    from samtune.engine.settings import DEFAULTS, engine_settings
+
+    full = OmegaConf.load(ROOT / "configs" / "engine" / "default.yaml")
+    for key, value in DEFAULTS.items():
+        assert OmegaConf.select(full, key) == value, key
+    read = engine_settings(full)
+    assert read.stages == ("supervised", "semi_supervised", "pseudo_label", "pseudo_label")
+    assert read.semi is not None and read.semi.teacher["ema"] == full.semi.ema
+    partial = engine_settings(OmegaConf.create({"rounds": 2, "semi": {"enabled": True, "ema": full.semi.ema}}))
+    assert (partial.pred_iou_thresh, partial.stability_score_thresh, partial.pseudo_weight) == (
+        read.pred_iou_thresh, read.stability_score_thresh, read.pseudo_weight)
+    assert (partial.semi.prompt_iou_thresh, partial.semi.prompt_stability_thresh) == (
+        read.semi.prompt_iou_thresh, read.semi.prompt_stability_thresh)
+
+
 def _proposals(records, rng):
     """Per image: each ground-truth instance (good, high scores) plus a shifted copy (bad, lower scores)."""
     out = {}

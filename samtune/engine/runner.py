@@ -39,6 +39,8 @@ from samtune.engine.pseudo import (
     pseudo_records,
     write_pseudo_labels,
 )
+from samtune.engine.settings import EngineSettings, engine_settings
+from samtune.engine.settings import stages as round_stages
 from samtune.engine.split import split_labeled
 from samtune.evaluation.job import MAIN, EvalJob
 from samtune.model.checkpoint import load_sam_weights, save_sam_weights
@@ -49,34 +51,21 @@ from samtune.utils.io import atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 
-STAGES = ("supervised", "semi_supervised", "pseudo_label")
-
-
 def plan(engine: DictConfig) -> list[str]:
-    """The stage of each round."""
-    rounds = int(engine.rounds)
-    if rounds < 0:
-        raise ValueError(f"engine.rounds must be >= 0, got {rounds}")
-    semi = engine.get("semi") or {}
-    return ["supervised", *(["semi_supervised"] if semi.get("enabled", False) else []), *["pseudo_label"] * rounds]
+    """The stage of each round (:func:`samtune.engine.settings.stages`)."""
+    return list(round_stages(engine))
 
 
-def check_engine_config(cfg: DictConfig) -> None:
-    """Refuse a bad engine configuration before anything runs (not after an hour of proposals)."""
-    engine = cfg.engine
-    stages = plan(engine)
-    _from_val(engine.get("thresholds_from_val", "auto"))
-    for key in ("max_images_per_round", "max_val_images"):
-        value = engine.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise ValueError(f"engine.{key} must be a whole number >= 1 or null, got {value!r}")
-    target = engine.get("val_target_iou")
-    if target is not None and not 0.0 <= float(target) <= 1.0:
-        raise ValueError(f"engine.val_target_iou must be in [0, 1] or null, got {target!r}")
-    mode = str(cfg.finetune.get("mode", "decoder_only"))
-    if "semi_supervised" in stages and not finetune_mode(mode).encoder_frozen:
-        raise ValueError(f"engine.semi.enabled=true needs finetune=decoder_only (got finetune={mode}): the EMA teacher "
-                         "shares the student's frozen image encoder; set engine.semi.enabled=false to adapt the encoder")
+def check_engine_config(cfg: DictConfig) -> EngineSettings:
+    """Refuse a bad engine configuration before anything runs (not after an hour of proposals); return the
+    settings read."""
+    settings = engine_settings(cfg.engine)
+    mode = finetune_mode(cfg.finetune.get("mode"))
+    if settings.semi is not None and not mode.encoder_frozen:
+        raise ValueError(f"engine.semi.enabled=true needs finetune=decoder_only (got finetune={mode.name}): the EMA "
+                         "teacher shares the student's frozen image encoder; set engine.semi.enabled=false to adapt "
+                         "the encoder")
+    return settings
 
 
 def find_engine_run(current_dir: Path) -> Path:
@@ -102,8 +91,8 @@ def _round_cfg(cfg: DictConfig, round_dir: Path) -> DictConfig:
 
 def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJob, root: Path) -> dict:
     """Run (or continue) the engine in ``run_dir``; return the flat metrics of the final model."""
-    engine = cfg.engine
-    stages = plan(engine)
+    settings = check_engine_config(cfg)
+    stages = list(settings.stages)
     d = cfg.data
     labeled, unlabeled = split_labeled(records["train_split"], fraction=d.get("labeled_fraction"),
                                        ids=d.get("labeled_ids"), seed=int(cfg.seed))
@@ -131,11 +120,9 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
     if before != stages:
         atomic_write_json(edir / "plan.json", {"stages": stages})
     binary = bool(d.binary_as_one_object)
-    amg = OmegaConf.to_container(engine.amg, resolve=True)
-    from_val = _from_val(engine.get("thresholds_from_val", "auto"))
-    target_iou = engine.get("val_target_iou")
-    target_iou = None if target_iou is None else float(target_iou)
-    keep_previous = bool(engine.get("keep_previous_if_worse", True))
+    amg = settings.amg
+    from_val = settings.thresholds_from_val
+    keep_previous = settings.keep_previous_if_worse
     start_weights = edir / "start_model.pth"  # round 0's starting point, should round 0 not beat it on val
     weights = None  # path of the latest round's model
     rounds: list[dict] = []
@@ -157,18 +144,18 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
         module_kwargs: dict = {}
         if stage in ("semi_supervised", "pseudo_label"):
             model_hash = checkpoint_hash(weights) if weights is not None else "start"
-            images = _round_images(unlabeled, engine.get("max_images_per_round"), seed=int(cfg.seed) + k)
+            images = _round_images(unlabeled, settings.max_images_per_round, seed=int(cfg.seed) + k)
             if stage == "pseudo_label":
-                name, weight, kind = "pseudo_labels.json", float(engine.pseudo_weight), "pseudo"
+                name, weight, kind = "pseudo_labels.json", settings.pseudo_weight, "pseudo"
             else:
                 name, weight, kind = "proposals.json", 1.0, "teacher"
-                module_kwargs["teacher"] = {key: engine.semi[key] for key in ("ema", "confidence", "feature_dropout", "weight")}
+                module_kwargs["teacher"] = dict(settings.semi.teacher)
             path = rdir / name
             if not path.is_file():  # written once per round, then reused when the round is resumed
                 proposals = propose(model, images, amg, desc=f"round {k}: proposals on {len(images)} images")
                 if stage == "pseudo_label":
-                    thresholds: Thresholds | None = Thresholds(float(engine.pred_iou_thresh),
-                                                               float(engine.stability_score_thresh))
+                    thresholds: Thresholds | None = Thresholds(settings.pred_iou_thresh,
+                                                               settings.stability_score_thresh)
                     fixed_keep = sum(thresholds.keeps(m) for ms in proposals.values() for m in ms)
                     if from_val is True or (from_val == "auto" and fixed_keep == 0):
                         if from_val == "auto":
@@ -176,14 +163,13 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
                                         "the validation split (engine.thresholds_from_val=auto)", k,
                                         thresholds.as_dict(), sum(map(len, proposals.values())))
                         thresholds, info["threshold_choice"] = _thresholds_from_val(
-                            model, records["val_split"], amg, engine, k, binary, target_iou, thresholds)
+                            model, records["val_split"], settings, k, binary, thresholds)
                 else:
-                    thresholds = Thresholds(float(engine.semi.prompt_iou_thresh), float(engine.semi.prompt_stability_thresh))
+                    thresholds = Thresholds(settings.semi.prompt_iou_thresh, settings.semi.prompt_stability_thresh)
                 kept = {p: [m for m in ms if thresholds is not None and thresholds.keeps(m)]
                         for p, ms in proposals.items()}
                 n_prop, n_kept = sum(map(len, proposals.values())), sum(map(len, kept.values()))
-                quality = (hidden_label_quality(images, kept, binary) if engine.get("measure_hidden_labels", True)
-                           else {})
+                quality = hidden_label_quality(images, kept, binary) if settings.measure_hidden_labels else {}
                 write_pseudo_labels(path, images, kept, round_index=k, stage=stage, model_hash=model_hash,
                                     thresholds=thresholds, root=root)
                 every = [m for ms in proposals.values() for m in ms]
@@ -239,15 +225,6 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
     return {"rounds": rounds, "labeled": len(labeled), "unlabeled": len(unlabeled)}
 
 
-def _from_val(value) -> bool | str:
-    """``engine.thresholds_from_val``: true, false or auto (only when the fixed thresholds keep nothing)."""
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() == "auto":
-        return "auto"
-    raise ValueError(f"engine.thresholds_from_val must be true, false or auto, got {value!r}")
-
-
 def _round_images(unlabeled: list[ImageRecord], limit, *, seed: int) -> list[ImageRecord]:
     """The unlabelled images a round proposes on: all, or ``engine.max_images_per_round`` of them drawn with the
     round's seed (another draw each round), in their original order."""
@@ -259,15 +236,15 @@ def _round_images(unlabeled: list[ImageRecord], limit, *, seed: int) -> list[Ima
     return [r for i, r in enumerate(unlabeled) if i in chosen]
 
 
-def _thresholds_from_val(model, val: list[ImageRecord], amg: dict, engine: DictConfig, k: int, binary: bool,
-                         target_iou: float | None, fixed: Thresholds) -> tuple[Thresholds | None, dict | None]:
+def _thresholds_from_val(model, val: list[ImageRecord], settings: EngineSettings, k: int, binary: bool,
+                         fixed: Thresholds) -> tuple[Thresholds | None, dict | None]:
     """Thresholds chosen on (up to ``engine.max_val_images`` of) the validation images' proposals."""
     if not val:
         log.warning("Round %d: no validation split to choose thresholds on; keeping %s", k, fixed.as_dict())
         return fixed, None
-    limit = engine.get("max_val_images")
-    val = val if limit is None else val[: int(limit)]
-    props = propose(model, val, amg, desc=f"round {k}: proposals on {len(val)} validation images")
+    limit, target_iou = settings.max_val_images, settings.val_target_iou
+    val = val if limit is None else val[:limit]
+    props = propose(model, val, settings.amg, desc=f"round {k}: proposals on {len(val)} validation images")
     thresholds, choice = choose_thresholds(props, val, binary_as_one_object=binary, target_iou=target_iou)
     if thresholds is None:
         log.warning("Round %d: no thresholds keep validation proposals of mean IoU >= %g with the labels (the best "

@@ -161,8 +161,6 @@ def test_evaluate_model_clicks_auto_and_calibration(blobs, tmp_path):
     assert none.summary["auto"]["n_pred"] == 0 and none.summary["auto"]["filters"]["passed_pred_iou"] == 0
     assert "eval.auto.pred_iou_thresh=1.5" in none.summary["auto"]["why_no_masks"]
     assert (tmp_path / "maps" / f"{records[0].rel_path}.png").is_file()  # box-mode instance map for overlays
-    with pytest.raises(ValueError, match="clicks does not support eval.zoom"):
-        evaluate_model(model, records, prompts, name="x", modes=["clicks"], zoom=ZoomConfig())
     with pytest.raises(ValueError, match="unknown prompt modes"):
         evaluate_model(model, records, prompts, name="x", modes=["lasso"])
 

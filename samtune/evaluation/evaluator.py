@@ -94,7 +94,7 @@ def _check_modes(modes: list[str], zoom: ZoomConfig | None, max_clicks: int) -> 
         raise ValueError(f"eval.modes: unknown prompt modes {unknown}; valid: {list(MODES)}")
     for m in modes:
         if zoom is not None and not REGISTRY[m].zoom:
-            raise ValueError(f"eval.modes={m} does not support eval.zoom (each click would need its own crop): "
+            raise ValueError(f"eval.modes={m} does not support eval.zoom: "
                              f"evaluate {m} with eval.zoom=null, or drop {m} from eval.modes")
     if "clicks" in modes and max_clicks < 1:
         raise ValueError(f"eval.max_clicks must be >= 1, got {max_clicks}")
@@ -171,7 +171,7 @@ def evaluate_model(
         modes: Modes to run (:data:`MODES`, :mod:`samtune.predict.modes`).
         binary_as_one_object: Mask interpretation, as for training.
         save_masks: Put the predicted mask's COCO RLE in each row.
-        zoom: Segment each prompt in a zoomed crop of its neighbourhood (None: the whole image); not for clicks.
+        zoom: Segment each prompt in a zoomed crop of its neighbourhood (None: the whole image); clicks too.
         max_clicks: Clicks per instance in ``clicks`` mode.
         auto_params: Automatic mask generation parameters for ``auto`` mode
             (:func:`samtune.predict.auto.build_mask_generator`).
@@ -283,7 +283,8 @@ def _eval_oracle(run: _Run, img: _Image, mode: PromptMode, tally: _Tally) -> Non
 
 def _eval_clicks(run: _Run, img: _Image, mode: PromptMode, tally: _Tally) -> None:
     """Corrective clicks from each instance's one-point prompt (:func:`samtune.evaluation.clicks.run_clicks`)."""
-    predict = run.segmenter.click_predictor(img.embedded)
+    zoomed = run.segmenter.zoom is not None
+    predict = run.segmenter.click_predictor(img.image, None if zoomed else img.embedded)
     chunk_size = run.segmenter.chunk
     for start in range(0, len(img.prompts), chunk_size):
         chunk = img.prompts[start : start + chunk_size]

@@ -57,7 +57,7 @@ REGISTRY: dict[str, PromptMode] = {m.name: m for m in (
     PromptMode("point1", "1 point", "fixed", "point1", multimask=True),
     PromptMode("point3", "3 points", "fixed", "point3", multimask=False),
     PromptMode("point1_oracle", "1 point, best of 3 outputs (oracle)", "oracle", "point1", multimask=True),
-    PromptMode("clicks", "clicks", "clicks", "point1", multimask=None, zoom=False),
+    PromptMode("clicks", "clicks", "clicks", "point1", multimask=None),
     PromptMode("auto", "auto", "auto", None, multimask=None, predicted=True),
     PromptMode("points", "points", "fixed", "points", multimask=None, evaluated=False, predicted=True),
 )}

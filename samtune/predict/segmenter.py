@@ -19,12 +19,13 @@ import torch
 
 from samtune.model.promptable_sam import PromptableSam
 from samtune.predict.decoding import PromptPrediction, decode_prompts, finish_logits
-from samtune.predict.zoom import ZoomConfig, decode_prompts_zoomed
+from samtune.predict.zoom import ZoomConfig, ZoomedLogits, click_step_zoomed, decode_prompts_zoomed
 
 CHUNK = 32  # prompts decoded per call on the whole image (bounds memory on images with many objects)
 
-# predict(coords N x K x 2 XY original pixels, labels N x K, mask_input N x 1 x h x w | None, multimask)
-#   -> (masks N x H x W bool, low-res logits N x 1 x h x w, predicted IoU N)
+# predict(coords N x K x 2 XY original pixels, labels N x K, state | None, multimask)
+#   -> (masks N x H x W bool, state, predicted IoU N); the state is what the next call takes as mask input: the
+#   low-res logits N x 1 x h x w on the whole image, a ZoomedLogits under zoom (None for a first click)
 ClickPredictor = Callable[
     [torch.Tensor, torch.Tensor, "torch.Tensor | None", bool], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ]
@@ -95,7 +96,8 @@ class Segmenter:
                 embedded on its own).
 
         Yields:
-            :class:`PromptPrediction` chunks; ``low_res`` is None under zoom (each crop has its own frame).
+            :class:`PromptPrediction` chunks; ``low_res`` is a :class:`~samtune.predict.zoom.ZoomedLogits` under zoom
+            (each answer's crop and its logits in that crop's frame).
         """
         if self.zoom is not None:
             yield from decode_prompts_zoomed(self.model, image, prompts, key, multimask=multimask, cfg=self.zoom,
@@ -109,10 +111,38 @@ class Segmenter:
                                   original_size=embedded.original_size, multimask=multimask,
                                   stability_offset=self.stability_offset, chunk=self.chunk, output=output)
 
-    def click_predictor(self, embedded: Embedded) -> ClickPredictor:
-        """One step of SAM's interactive loop on a whole-image embedding: all clicks of each object so far, with
-        its previous low-resolution logits as mask input (:data:`ClickPredictor`)."""
+    def click_predictor(self, image: np.ndarray, embedded: Embedded | None = None) -> ClickPredictor:
+        """SAM's interactive loop on ``image``: each call segments every object with all its clicks so far and the
+        state its previous call returned as mask input (:data:`ClickPredictor`).
+
+        On the whole image (``embedded``, or ``image`` embedded here) the state is the previous low-res logits, as
+        ``SamPredictor`` takes them. Under zoom the first call is exactly the zoomed decoding of those clicks as
+        a prompt (a first click gives evaluation's zoomed ``point1`` answer, re-crop rounds included); later calls
+        segment each object in its crop (kept while it holds the answer and the clicks, else re-cropped around
+        them) with its previous logits (:func:`samtune.predict.zoom.click_step_zoomed`); the state is a
+        :class:`~samtune.predict.zoom.ZoomedLogits`.
+        """
         model = self.model
+        if self.zoom is not None:
+            zoom = self.zoom
+
+            @torch.no_grad()
+            def predict_zoomed(coords: torch.Tensor, labels: torch.Tensor, state, multimask: bool):
+                if state is not None:
+                    return click_step_zoomed(model, image, coords, labels, state, multimask=multimask, cfg=zoom,
+                                             stability_offset=self.stability_offset)
+                prompts = [{"points": {"points": c.tolist(), "labels": lab.tolist()}}
+                           for c, lab in zip(coords.cpu(), labels.cpu(), strict=True)]
+                chunks = list(decode_prompts_zoomed(model, image, prompts, "points", multimask=multimask, cfg=zoom,
+                                                    stability_offset=self.stability_offset))
+                masks = torch.cat([c.masks for c in chunks])
+                state = ZoomedLogits([wnd for c in chunks for wnd in c.low_res.windows],
+                                     torch.cat([c.low_res.logits for c in chunks]), masks)
+                return masks, state, torch.cat([c.pred_iou for c in chunks])
+
+            return predict_zoomed
+        if embedded is None:
+            embedded = self.embed(image)
 
         @torch.no_grad()
         def predict(coords: torch.Tensor, labels: torch.Tensor, mask_input: torch.Tensor | None, multimask: bool):

@@ -11,10 +11,11 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -111,6 +112,28 @@ class ZoomConfig:
         return text
 
 
+@dataclass
+class ZoomedLogits:
+    """Answers segmented in their own crops: what a next interactive step needs (the ``low_res`` of a zoomed
+    :class:`~samtune.predict.decoding.PromptPrediction`, the mask input a zoomed click passes on).
+
+    Attributes:
+        windows: Each answer's crop, ``(x0, y0, x1, y1)`` in image pixels (the whole image when the whole-image
+            answer was kept).
+        logits: n x 1 x h x w chosen low-resolution logits, each in its crop's input frame (CPU).
+        masks: n x H x W bool answers at the image size (what the crop must hold for a next click to keep it).
+        embeddings: Crop embeddings by window, kept for the next click in the same crop.
+    """
+
+    windows: list[tuple[int, int, int, int]]
+    logits: torch.Tensor
+    masks: torch.Tensor
+    embeddings: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+
 def prompt_window(
     prompt_xyxy: tuple[float, float, float, float], image_size: tuple[int, int], cfg: ZoomConfig, *, is_box: bool
 ) -> tuple[int, int, int, int]:
@@ -198,22 +221,23 @@ def border_share(mask: torch.Tensor, window: tuple[int, int, int, int], image_si
 
 def _first_round(model: PromptableSam, image: np.ndarray, items: list[dict], mode: str, multimask: bool,
                  cfg: ZoomConfig, stability_offset: float, output: int | None, whole: dict,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """First answers of ``items``: each in its prompt window; under ``one_point_whole`` a one-point prompt whose
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, torch.Tensor]:
+    """First answers of ``items`` (masks, predicted IoU, stability, the window and low-res logits of each): each in its prompt window; under ``one_point_whole`` a one-point prompt whose
     answer that crop cuts is segmented again in the crop :func:`point_window` sizes by its whole-image answer, or,
     where that crop is the image, in a crop of ``context`` times the cut answer's extent if that crop holds the new
     answer, else it keeps the whole-image answer (see :class:`ZoomConfig`). ``whole`` caches the image's embedding
     for the call."""
     h, w = image.shape[:2]
     windows = [prompt_window(_extent(p, mode), (h, w), cfg, is_box=mode == "box") for p in items]
-    masks, scores, stability = _segment_in_windows(model, image, items, windows, mode, multimask, stability_offset,
-                                                   output)
+    masks, scores, stability, low = _segment_in_windows(model, image, items, windows, mode, multimask,
+                                                        stability_offset, output)
+    final = list(windows)
     if mode == "box" or not cfg.one_point_whole:
-        return masks, scores, stability
+        return masks, scores, stability, final, low
     cut = [i for i, p in enumerate(items)
            if len(p[mode]["points"]) == 1 and border_share(masks[i], windows[i], (h, w)) > CUT_BORDER_SHARE]
     if not cut:
-        return masks, scores, stability
+        return masks, scores, stability, final, low
     if not whole:  # one embedding of the whole image for all the prompts of the call, made when first needed
         x, input_size, original_size = model.prepare_image(image)
         whole.update(embedding=model.embed(x), input_size=input_size, original_size=original_size)
@@ -237,10 +261,12 @@ def _first_round(model: PromptableSam, image: np.ndarray, items: list[dict], mod
         for k, (i, window) in enumerate(zip(again, again_windows, strict=True)):
             j = on_whole.get(i)
             if j is None or border_share(new[0][k], window, (h, w)) <= HOLD_BORDER_SHARE:
-                masks[i], scores[i], stability[i] = new[0][k], new[1][k], new[2][k]
+                masks[i], scores[i], stability[i], low[i] = new[0][k], new[1][k], new[2][k], new[3][k]
+                final[i] = window
             else:
                 masks[i], scores[i], stability[i] = first.masks[j], first.pred_iou[j], first.stability[j]
-    return masks, scores, stability
+                low[i], final[i] = first.low_res[j].float().cpu(), (0, 0, w, h)
+    return masks, scores, stability, final, low
 
 
 @torch.no_grad()
@@ -272,7 +298,8 @@ def decode_prompts_zoomed(
         output: Take this decoder output for every prompt, in every round (see ``finish_logits``).
 
     Yields:
-        Chunks with masks n x H x W bool at the image size (``low_res`` is None: each crop has its own frame).
+        Chunks with masks n x H x W bool at the image size; ``low_res`` is a :class:`ZoomedLogits` (each answer's
+        crop and its logits in that crop's frame).
     """
     h, w = image.shape[:2]
     if chunk is None:
@@ -283,16 +310,126 @@ def decode_prompts_zoomed(
     for start in range(0, len(prompts), chunk):
         sl = slice(start, start + chunk)
         items = prompts[sl]
-        masks, scores, stability = _first_round(model, image, items, mode, multimask, cfg, stability_offset,
-                                                output, whole)
+        masks, scores, stability, final, low = _first_round(model, image, items, mode, multimask, cfg,
+                                                            stability_offset, output, whole)
         rounds = [cfg.rounds(mode, 0 if mode == "box" else len(p[mode]["points"])) for p in items]
         for r in range(max(rounds, default=0)):
             active = [i for i, n in enumerate(rounds) if n > r]
             sub = [items[i] for i in active]
             windows = [_refined_window(p, mode, masks[i], (h, w), cfg) for p, i in zip(sub, active, strict=True)]
-            masks[active], scores[active], stability[active] = _segment_in_windows(
+            masks[active], scores[active], stability[active], low[active] = _segment_in_windows(
                 model, image, sub, windows, mode, multimask, stability_offset, output)
-        yield PromptPrediction(sl, masks, scores, stability, None)
+            for i, window in zip(active, windows, strict=True):
+                final[i] = window
+        yield PromptPrediction(sl, masks, scores, stability, ZoomedLogits(final, low, masks))
+
+
+def _remap_logits(model: PromptableSam, low: torch.Tensor, old: tuple[int, int, int, int],
+                  new: tuple[int, int, int, int]) -> torch.Tensor:
+    """Low-res logits ``low`` (1 x h x w) of crop ``old`` moved into the input frame of crop ``new``: brought to
+    ``old``'s pixels, pasted where the two crops overlap (the rest takes their lowest logit: background), then
+    resized and padded as an image crop of ``new`` is, and brought down to the low-res size."""
+    ox0, oy0, ox1, oy1 = old
+    nx0, ny0, nx1, ny1 = new
+    old_size = (oy1 - oy0, ox1 - ox0)
+    old_input = ResizeLongestSide.get_preprocess_shape(*old_size, model.img_size)
+    full = model.postprocess(low[None].float().to(model.device), old_input, old_size)[0, 0].cpu()
+    fill = float(full.min())
+    canvas = torch.full((ny1 - ny0, nx1 - nx0), fill)
+    x0, y0, x1, y1 = max(ox0, nx0), max(oy0, ny0), min(ox1, nx1), min(oy1, ny1)
+    if x1 > x0 and y1 > y0:
+        canvas[y0 - ny0 : y1 - ny0, x0 - nx0 : x1 - nx0] = full[y0 - oy0 : y1 - oy0, x0 - ox0 : x1 - ox0]
+    new_input = ResizeLongestSide.get_preprocess_shape(ny1 - ny0, nx1 - nx0, model.img_size)
+    resized = F.interpolate(canvas[None, None], new_input, mode="bilinear", align_corners=False)
+    padded = torch.full((1, 1, model.img_size, model.img_size), fill)
+    padded[..., : new_input[0], : new_input[1]] = resized
+    side = model.low_res_size
+    return F.interpolate(padded, (side, side), mode="bilinear", align_corners=False)[0]
+
+
+def click_window(coords: torch.Tensor, labels: torch.Tensor, previous: ZoomedLogits, i: int,
+                 image_size: tuple[int, int], cfg: ZoomConfig) -> tuple[int, int, int, int]:
+    """The crop of object ``i``'s next interactive step: its previous crop while that crop holds its answer (at most
+    :data:`HOLD_BORDER_SHARE` of the crop's border covered) and every click lies inside it; otherwise a crop of
+    ``context`` times the extent of its answer and positive clicks (:func:`_refined_window`)."""
+    old = previous.windows[i]
+    x0, y0, x1, y1 = old
+    xy = coords[i]
+    inside = bool(((xy[:, 0] >= x0) & (xy[:, 0] < x1) & (xy[:, 1] >= y0) & (xy[:, 1] < y1)).all())
+    if inside and border_share(previous.masks[i], old, image_size) <= HOLD_BORDER_SHARE:
+        return old
+    prompt = {"points": {"points": xy.tolist(), "labels": labels[i].tolist()}}
+    return _refined_window(prompt, "points", previous.masks[i], image_size, cfg)
+
+
+@torch.no_grad()
+def click_step_zoomed(
+    model: PromptableSam,
+    image: np.ndarray,
+    coords: torch.Tensor,
+    labels: torch.Tensor,
+    previous: ZoomedLogits,
+    *,
+    multimask: bool,
+    cfg: ZoomConfig,
+    stability_offset: float = 1.0,
+) -> tuple[torch.Tensor, ZoomedLogits, torch.Tensor]:
+    """One step of SAM's interactive loop in prompt-focused zoom, after a first answer (``previous``).
+
+    Each object is segmented with all its clicks in its crop (:func:`click_window`), with its previous low-res
+    logits as mask input (moved into the new crop's frame when the crop changes, :func:`_remap_logits`). Crops
+    are embedded once and reused while they stay.
+
+    Args:
+        model: The model.
+        image: H x W x 3 uint8 RGB.
+        coords: N x K x 2 XY clicks (image pixels).
+        labels: N x K click labels (1 positive, 0 negative).
+        previous: The objects' previous answers (from the first answer or the step before).
+        multimask: Pick the best multimask output (SAM's interactive loop: False after the first click).
+        cfg: Zoom settings.
+        stability_offset: Logit offset of the stability score.
+
+    Returns:
+        (masks N x H x W bool, the state of the next step, predicted IoU N).
+    """
+    h, w = image.shape[:2]
+    n = len(coords)
+    if len(previous) != n:
+        raise ValueError(f"{n} objects clicked but the previous step had {len(previous)}")
+    windows = [click_window(coords, labels, previous, i, (h, w), cfg) for i in range(n)]
+    embeddings = {wnd: e for wnd, e in previous.embeddings.items() if wnd in windows}
+    todo = sorted({wnd for wnd in windows if wnd not in embeddings})
+    prepared = {wnd: model.prepare_image(np.ascontiguousarray(image[wnd[1] : wnd[3], wnd[0] : wnd[2]]))
+                for wnd in windows}
+    per_call = crops_per_call(model, (h, w), cfg.memory_budget_gb)
+    for start in range(0, len(todo), per_call):
+        batch = todo[start : start + per_call]
+        embedded = model.embed(torch.cat([prepared[wnd][0] for wnd in batch]))
+        embeddings.update({wnd: embedded[j : j + 1] for j, wnd in enumerate(batch)})
+    masks = torch.zeros(n, h, w, dtype=torch.bool)
+    scores = torch.zeros(n)
+    side = model.low_res_size
+    low = torch.zeros(n, 1, side, side)
+    dev = model.device
+    for i, wnd in enumerate(windows):
+        x0, y0, x1, y1 = wnd
+        _, in_size, crop_size = prepared[wnd]
+        old = previous.windows[i]
+        mask_input = previous.logits[i] if wnd == old else _remap_logits(model, previous.logits[i], old, wnd)
+        offset = torch.tensor([x0, y0], dtype=torch.float)
+        grow = torch.tensor(crop_enlargement(model, crop_size))
+        points = ((model.coords_to_input(coords[i : i + 1].float() - offset, crop_size) + grow / 2).to(dev),
+                  labels[i : i + 1].to(dev))
+        logits, iou = model.decode(embeddings[wnd], points=points, mask_input=mask_input[None].to(dev))
+        crop_mask, pred_iou, _, chosen = finish_logits(
+            model, logits, iou, multimask=multimask, input_size=in_size, original_size=crop_size,
+            stability_offset=stability_offset,
+        )
+        masks[i, y0:y1, x0:x1] = crop_mask[0]
+        scores[i] = float(pred_iou[0])
+        low[i] = chosen[0].float().cpu()
+    return masks, ZoomedLogits(windows, low, masks, embeddings), scores
 
 
 def _segment_in_windows(
@@ -304,8 +441,9 @@ def _segment_in_windows(
     multimask: bool,
     stability_offset: float,
     output: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Segment each prompt in its window; masks pasted back at the image size, predicted IoU, stability."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Segment each prompt in its window; masks pasted back at the image size, predicted IoU, stability, and the
+    chosen low-resolution logits in each window's input frame (n x 1 x h x w, CPU)."""
     h, w = image.shape[:2]
     dev = model.device
     prepared = [model.prepare_image(np.ascontiguousarray(image[y0:y1, x0:x1])) for x0, y0, x1, y1 in windows]
@@ -313,6 +451,8 @@ def _segment_in_windows(
     masks = torch.zeros(len(items), h, w, dtype=torch.bool)
     scores = torch.zeros(len(items))
     stability = torch.zeros(len(items))
+    side = model.low_res_size
+    low = torch.zeros(len(items), 1, side, side)
     for i, (p, (x0, y0, x1, y1), (_, in_size, crop_size)) in enumerate(zip(items, windows, prepared)):
         offset = torch.tensor([x0, y0], dtype=torch.float)
         grow = torch.tensor(crop_enlargement(model, crop_size))
@@ -326,14 +466,15 @@ def _segment_in_windows(
             labels = torch.tensor([p[mode]["labels"]], dtype=torch.int)
             kwargs["points"] = ((model.coords_to_input(coords, crop_size) + grow / 2).to(dev), labels.to(dev))
         logits, iou = model.decode(embeddings[i : i + 1], **kwargs)
-        crop_mask, pred_iou, stab, _ = finish_logits(
+        crop_mask, pred_iou, stab, chosen = finish_logits(
             model, logits, iou, multimask=multimask, input_size=in_size, original_size=crop_size,
             stability_offset=stability_offset, output=output,
         )
         masks[i, y0:y1, x0:x1] = crop_mask[0]
         scores[i] = float(pred_iou[0])
         stability[i] = float(stab[0])
-    return masks, scores, stability
+        low[i] = chosen[0].float().cpu()
+    return masks, scores, stability, low
 
 
 # the flat keys that came before the nested eval.zoom mapping -> its field (still read, with a deprecation warning)

@@ -137,7 +137,8 @@ class Segmenter:
                                                     stability_offset=self.stability_offset))
                 masks = torch.cat([c.masks for c in chunks])
                 state = ZoomedLogits([wnd for c in chunks for wnd in c.low_res.windows],
-                                     torch.cat([c.low_res.logits for c in chunks]), masks)
+                                     torch.cat([c.low_res.logits for c in chunks]), masks,
+                                     {wnd: e for c in chunks for wnd, e in c.low_res.embeddings.items()})
                 return masks, state, torch.cat([c.pred_iou for c in chunks])
 
             return predict_zoomed

@@ -220,7 +220,7 @@ def border_share(mask: torch.Tensor, window: tuple[int, int, int, int], image_si
 
 
 def _first_round(model: PromptableSam, image: np.ndarray, items: list[dict], mode: str, multimask: bool,
-                 cfg: ZoomConfig, stability_offset: float, output: int | None, whole: dict,
+                 cfg: ZoomConfig, stability_offset: float, output: int | None, whole: dict, keep: dict,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list, torch.Tensor]:
     """First answers of ``items`` (masks, predicted IoU, stability, the window and low-res logits of each): each in its prompt window; under ``one_point_whole`` a one-point prompt whose
     answer that crop cuts is segmented again in the crop :func:`point_window` sizes by its whole-image answer, or,
@@ -230,7 +230,7 @@ def _first_round(model: PromptableSam, image: np.ndarray, items: list[dict], mod
     h, w = image.shape[:2]
     windows = [prompt_window(_extent(p, mode), (h, w), cfg, is_box=mode == "box") for p in items]
     masks, scores, stability, low = _segment_in_windows(model, image, items, windows, mode, multimask,
-                                                        stability_offset, output)
+                                                        stability_offset, output, keep)
     final = list(windows)
     if mode == "box" or not cfg.one_point_whole:
         return masks, scores, stability, final, low
@@ -257,7 +257,7 @@ def _first_round(model: PromptableSam, image: np.ndarray, items: list[dict], mod
             del on_whole[i]
     if again:
         new = _segment_in_windows(model, image, [items[i] for i in again], again_windows, mode, multimask,
-                                  stability_offset, output)
+                                  stability_offset, output, keep)
         for k, (i, window) in enumerate(zip(again, again_windows, strict=True)):
             j = on_whole.get(i)
             if j is None or border_share(new[0][k], window, (h, w)) <= HOLD_BORDER_SHARE:
@@ -266,6 +266,7 @@ def _first_round(model: PromptableSam, image: np.ndarray, items: list[dict], mod
             else:
                 masks[i], scores[i], stability[i] = first.masks[j], first.pred_iou[j], first.stability[j]
                 low[i], final[i] = first.low_res[j].float().cpu(), (0, 0, w, h)
+                keep[(0, 0, w, h)] = whole["embedding"]  # the whole image is the crop (0, 0, w, h)
     return masks, scores, stability, final, low
 
 
@@ -310,18 +311,21 @@ def decode_prompts_zoomed(
     for start in range(0, len(prompts), chunk):
         sl = slice(start, start + chunk)
         items = prompts[sl]
+        keep: dict = {}
         masks, scores, stability, final, low = _first_round(model, image, items, mode, multimask, cfg,
-                                                            stability_offset, output, whole)
+                                                            stability_offset, output, whole, keep)
         rounds = [cfg.rounds(mode, 0 if mode == "box" else len(p[mode]["points"])) for p in items]
         for r in range(max(rounds, default=0)):
             active = [i for i, n in enumerate(rounds) if n > r]
             sub = [items[i] for i in active]
             windows = [_refined_window(p, mode, masks[i], (h, w), cfg) for p, i in zip(sub, active, strict=True)]
+            keep = {wnd: e for wnd, e in keep.items() if wnd in final}
             masks[active], scores[active], stability[active], low[active] = _segment_in_windows(
-                model, image, sub, windows, mode, multimask, stability_offset, output)
+                model, image, sub, windows, mode, multimask, stability_offset, output, keep)
             for i, window in zip(active, windows, strict=True):
                 final[i] = window
-        yield PromptPrediction(sl, masks, scores, stability, ZoomedLogits(final, low, masks))
+        keep = {wnd: e for wnd, e in keep.items() if wnd in final}
+        yield PromptPrediction(sl, masks, scores, stability, ZoomedLogits(final, low, masks, keep))
 
 
 def _remap_logits(model: PromptableSam, low: torch.Tensor, old: tuple[int, int, int, int],
@@ -441,6 +445,7 @@ def _segment_in_windows(
     multimask: bool,
     stability_offset: float,
     output: int | None = None,
+    keep: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Segment each prompt in its window; masks pasted back at the image size, predicted IoU, stability, and the
     chosen low-resolution logits in each window's input frame (n x 1 x h x w, CPU)."""
@@ -448,6 +453,8 @@ def _segment_in_windows(
     dev = model.device
     prepared = [model.prepare_image(np.ascontiguousarray(image[y0:y1, x0:x1])) for x0, y0, x1, y1 in windows]
     embeddings = model.embed(torch.cat([x for x, _, _ in prepared]))
+    if keep is not None:  # each window's embedding, for a next click in the same crop
+        keep.update({window: embeddings[i : i + 1] for i, window in enumerate(windows)})
     masks = torch.zeros(len(items), h, w, dtype=torch.bool)
     scores = torch.zeros(len(items))
     stability = torch.zeros(len(items))

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +365,48 @@ def test_killed_engine_continues_with_the_same_command(tmp_path):
     assert round2[0] == "start 0" and len(round2) == 2 and int(round2[1].split()[1]) > 0
     report = json.loads((run_dir / "report.json").read_text())
     assert [r["round"] for r in report["engine"]["rounds"]] == [0, 1, 2]
+
+
+def test_reviews_enter_the_next_round(engine_run, tmp_path):
+    """People review the last round's pseudo-labels in the annotator (engine_run=RUN): one accepted, one rejected, the
+    image marked done. The same command with one more round and engine.review=DIR trains that round on the accepted
+    mask as a label, proposes nothing on the reviewed image, drops the pseudo-labels matching the decided masks, and
+    the report counts the effort."""
+    from samtune.annotate.app import engine_run_proposals
+    from samtune.annotate.session import AnnotationSession
+    from samtune.annotate.store import ReviewStore
+    from samtune.engine.review import drop_superseded, load_reviews
+    from samtune.model import build_model
+
+    tmp, run_dir = engine_run
+    records, _, pseudo, round_index = engine_run_proposals(run_dir)
+    assert round_index == 2 and pseudo and {r.rel_path for r in records} >= set(pseudo)
+    image = next(r for r in records if len(pseudo.get(r.rel_path, [])) >= 2)
+    model = build_model("sam_tiny", checkpoint=str(ROOT / "data" / "checkpoints" / "sam_tiny_generalist.pt"))
+    reviews = tmp_path / "reviews"
+    session = AnnotationSession(model, [image], ReviewStore(reviews), proposals="pseudo", pseudo=pseudo)
+    state = session.state(0)
+    assert [o["source"]["kind"] for o in state["objects"]] == ["pseudo"] * len(pseudo[image.rel_path])
+    session.act(0, {"action": "accept", "object": 1})
+    session.act(0, {"action": "reject", "object": 2})
+    session.act(0, {"action": "done"})
+
+    loaded = load_reviews(reviews, records)
+    assert loaded.counts["accepted"] == 1 and loaded.counts["rejected"] == 1 and loaded.reviewed == {image.rel_path}
+    assert len(loaded.labeled) == 1 and len(loaded.labeled[0].coco_anns) == 1
+    again, dropped = drop_superseded([replace(loaded.labeled[0], coco_anns=tuple(pseudo[image.rel_path]))],
+                                     loaded.superseded)
+    assert dropped == 2 and sum(len(r.coco_anns) for r in again) == len(pseudo[image.rel_path]) - 2
+
+    proc = subprocess.run(_engine_args(tmp, run_dir, "engine.rounds=2", f"engine.review={reviews}"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    done = json.loads((run_dir / "engine" / "round_3" / "DONE.json").read_text())
+    assert done["review"]["accepted"] == 1 and done["review"]["rejected"] == 1
+    assert done["review"]["images_reviewed"] == 1
+    proposed_on = json.loads((run_dir / "engine" / "round_3" / "pseudo_labels.json").read_text())["images"]
+    assert image.rel_path not in {im["file_name"] for im in proposed_on}
+    assert "people's reviews (engine.review) gave 1 masks accepted" in (run_dir / "report.md").read_text()
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run(_engine_args(tmp, run_dir, "engine.rounds=2", f"engine.review={tmp_path / 'none'}"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)

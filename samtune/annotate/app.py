@@ -18,8 +18,36 @@ from samtune.inference.segment import list_images
 from samtune.model.factory import build_model
 from samtune.predict.zoom import zoom_config
 from samtune.utils.device import eval_device
+from samtune.utils.io import read_json
 
 log = logging.getLogger(__name__)
+
+
+def engine_run_proposals(run: Path) -> tuple[list[ImageRecord], Path, dict[str, list[dict]], int]:
+    """The unlabelled images of a data-engine run and the pseudo-labels of its last round that made some: the
+    records, their dataset root, rel_path -> annotations, and the round.
+
+    Raises:
+        ValueError: not an engine run, or no round with pseudo-labels yet.
+    """
+    split_file, config = run / "engine" / "split.json", run / "config_resolved.yaml"
+    if not split_file.is_file() or not config.is_file():
+        raise ValueError(f"engine_run={run}: not a data-engine run (it needs engine/split.json and "
+                         "config_resolved.yaml; python train.py experiment=pcb_data_engine makes one)")
+    files = sorted(run.glob("engine/round_*/pseudo_labels.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    if not files:
+        raise ValueError(f"engine_run={run}: no round has pseudo-labels yet (engine/round_*/pseudo_labels.json)")
+    run_cfg = OmegaConf.load(config)
+    root = dataset_root(run_cfg.data)
+    unlabeled = set(read_json(split_file)["unlabeled"])
+    records, _ = scan_split(run_cfg.data, root, str(run_cfg.data.train_split))
+    records = [r for r in records if r.rel_path in unlabeled]
+    data = read_json(files[-1])
+    names = {im["id"]: im["file_name"] for im in data["images"]}
+    pseudo: dict[str, list[dict]] = {}
+    for ann in data["annotations"]:
+        pseudo.setdefault(names[ann["image_id"]], []).append(ann)
+    return records, root, pseudo, int(files[-1].parent.name.split("_")[1])
 
 
 def _records(cfg: DictConfig) -> tuple[list[ImageRecord], Path]:
@@ -43,7 +71,15 @@ def annotation_server(cfg: DictConfig) -> AnnotatorServer:
     if cfg.get("out") in (None, "", "???"):
         raise ValueError("out= is required: the folder where reviews are saved (see README: annotate and review)")
     out = Path(hydra.utils.to_absolute_path(str(cfg.out))).resolve()
-    records, source = _records(cfg)
+    pseudo = None
+    if cfg.get("engine_run"):
+        run = Path(hydra.utils.to_absolute_path(str(cfg.engine_run)))
+        records, source, pseudo, round_index = engine_run_proposals(run)
+        log.info("Reviewing the pseudo-labels of round %d of %s on its %d unlabelled images", round_index, run,
+                 len(records))
+        OmegaConf.update(cfg, "proposals", "pseudo", force_add=True)
+    else:
+        records, source = _records(cfg)
     if out == source.resolve() or source.resolve() in out.parents:
         raise ValueError(f"out={out} is inside the images' folder {source}: reviews go to a folder of their own")
     ckpt = cfg.get("ckpt") or OmegaConf.select(cfg, "model.checkpoint", default=None)
@@ -59,5 +95,5 @@ def annotation_server(cfg: DictConfig) -> AnnotatorServer:
         auto_params=OmegaConf.to_container(cfg.auto, resolve=True), order=str(cfg.order),
         model_sha256=checkpoint_hash(ckpt) if ckpt and Path(str(ckpt)).is_file() else "random-init",
         binary_as_one_object=bool(cfg.data.get("binary_as_one_object", False)), prefetch=int(cfg.prefetch),
-        seed=int(cfg.seed))
+        seed=int(cfg.seed), pseudo=pseudo)
     return AnnotatorServer(session, host=str(cfg.host), port=int(cfg.port))

@@ -36,7 +36,7 @@ from samtune.prompts import center_points
 
 log = logging.getLogger(__name__)
 
-PROPOSALS = ("labels", "auto", "none")
+PROPOSALS = ("labels", "auto", "none", "pseudo")
 ORDERS = ("file", "random", "uncertainty")
 ACTIONS = ("accept", "reject", "delete", "click", "box", "undo", "done", "select")
 
@@ -54,7 +54,10 @@ class AnnotationSession:
         store: Where decisions go.
         zoom: Prompt-focused zoom of every decode (None: the whole image).
         proposals: ``labels`` (the records' own masks, to review), ``auto`` (the model's automatic masks, made
-            when an image is first prepared) or ``none`` (label from scratch).
+            when an image is first prepared), ``pseudo`` (a data-engine round's pseudo-labels, ``pseudo``) or
+            ``none`` (label from scratch).
+        pseudo: rel_path -> the pseudo-label annotations of a round (COCO, with ``segmentation`` RLE and
+            ``provenance``), for ``proposals=pseudo``.
         auto_params: Automatic mask generation parameters (``auto``).
         order: ``file``, ``random`` (seeded) or ``uncertainty`` (lowest mean predicted IoU of the proposals first;
             images are prepared, in the background, as the queue is ordered).
@@ -67,7 +70,7 @@ class AnnotationSession:
     def __init__(self, model: PromptableSam, records: list[ImageRecord], store: ReviewStore, *,
                  zoom: ZoomConfig | None = None, proposals: str = "labels", auto_params: Mapping | None = None,
                  order: str = "file", model_sha256: str = "", binary_as_one_object: bool = False,
-                 prefetch: int = 2, seed: int = 0) -> None:
+                 prefetch: int = 2, seed: int = 0, pseudo: Mapping[str, list[dict]] | None = None) -> None:
         if proposals not in PROPOSALS:
             raise ValueError(f"proposals={proposals!r} is not one of {list(PROPOSALS)}")
         if order not in ORDERS:
@@ -78,6 +81,7 @@ class AnnotationSession:
         self.segmenter = Segmenter(model, zoom)
         self.store = store
         self.proposals = proposals
+        self.pseudo = dict(pseudo or {})
         self.generator = build_mask_generator(model, auto_params) if proposals == "auto" else None
         self.model_sha256 = model_sha256
         self.binary = binary_as_one_object
@@ -158,6 +162,11 @@ class AnnotationSession:
             ids = [int(i) for i in np.unique(instances) if i > 0]
             return [self._new_object(k + 1, "proposed", instances == i, source={"kind": "labels", "index": i})
                     for k, i in enumerate(ids)]
+        if self.proposals == "pseudo":
+            return [self._new_object(k + 1, "proposed", decode(a["segmentation"]), source={
+                "kind": "pseudo", "index": k, "round": (a.get("provenance") or {}).get("round"),
+                "predicted_iou": (a.get("provenance") or {}).get("predicted_iou")})
+                for k, a in enumerate(self.pseudo.get(record.rel_path, []))]
         if self.proposals == "auto":
             with self.lock:
                 masks = generate_masks(self.generator, image)

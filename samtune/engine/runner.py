@@ -39,6 +39,7 @@ from samtune.engine.pseudo import (
     pseudo_records,
     write_pseudo_labels,
 )
+from samtune.engine.review import drop_superseded, load_reviews
 from samtune.engine.settings import EngineSettings, engine_settings
 from samtune.engine.settings import stages as round_stages
 from samtune.engine.split import split_labeled
@@ -142,9 +143,17 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
         info: dict = {"round": k, "stage": stage}
         train_records: list[ImageRecord] = list(labeled)
         module_kwargs: dict = {}
+        # people's decisions so far (engine.review): labelled masks; reviewed images get no proposal
+        reviews = load_reviews(settings.review, unlabeled) if settings.review else None
+        pool = unlabeled
+        if reviews is not None:
+            train_records += reviews.labeled
+            pool = [r for r in unlabeled if r.rel_path not in reviews.reviewed]
+            info["review"] = dict(reviews.counts)
+            log.info("Round %d: reviews in %s: %s (their masks train as labels)", k, settings.review, reviews.counts)
         if stage in ("semi_supervised", "pseudo_label"):
             model_hash = checkpoint_hash(weights) if weights is not None else "start"
-            images = _round_images(unlabeled, settings.max_images_per_round, seed=int(cfg.seed) + k)
+            images = _round_images(pool, settings.max_images_per_round, seed=int(cfg.seed) + k)
             if stage == "pseudo_label":
                 name, weight, kind = "pseudo_labels.json", settings.pseudo_weight, "pseudo"
             else:
@@ -190,10 +199,12 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
                 log.warning("Round %d (%s) keeps no proposal: %s", k, stage,
                             _why_nothing({**info, "zoomed": amg.get("zoom") is not None}))
             extra = pseudo_records(path, images, weight=weight, kind=kind)
+            if reviews is not None:  # no pseudo-label where a person rejected or already gave that mask
+                extra, info["review"]["pseudo_dropped"] = drop_superseded(extra, reviews.superseded)
             log.info("Round %d (%s): %d of %d proposed masks kept on %d images%s", k, stage, info["kept"],
                      info["proposed"], len(extra), _quality_note(info))
             train_records += extra
-        if stage == "pseudo_label" and info["kept"] == 0 and keep_previous:
+        if stage == "pseudo_label" and info["kept"] == 0 and keep_previous and not (reviews and reviews.labeled):
             # nothing beyond the labelled images, which the rounds before trained on to their best validation epoch
             log.warning("Round %d (%s): no pseudo-label to train on; the round keeps its starting weights", k, stage)
             info["kept_previous"] = True

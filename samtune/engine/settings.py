@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -50,6 +51,8 @@ class EngineSettings:
         pseudo_weight: Loss weight of pseudo-labels.
         measure_hidden_labels: Measure kept proposals against the unlabelled images' hidden labels, when present.
         semi: The semi-supervised round's settings (None: no such round).
+        review: A reviews folder of ``scripts/annotate.py`` whose decisions enter the rounds
+            (:mod:`samtune.engine.review`); None: none.
     """
 
     stages: tuple[str, ...]
@@ -64,6 +67,7 @@ class EngineSettings:
     pseudo_weight: float
     measure_hidden_labels: bool
     semi: SemiSettings | None
+    review: str | None = None
 
 
 def _whole_or_none(engine: Mapping, key: str) -> int | None:
@@ -124,4 +128,18 @@ def engine_settings(engine: DictConfig | Mapping) -> EngineSettings:
         pseudo_weight=float(engine.get("pseudo_weight", DEFAULTS["pseudo_weight"])),
         measure_hidden_labels=bool(engine.get("measure_hidden_labels", True)),
         semi=semi,
+        review=_review(engine.get("review")),
     )
+
+
+def _review(value) -> str | None:
+    """``engine.review``: null or a reviews folder (checked to hold reviews/)."""
+    if value in (None, ""):
+        return None
+    import hydra
+
+    from samtune.engine.review import check_review_folder
+
+    path = Path(hydra.utils.to_absolute_path(str(value)))
+    check_review_folder(path)
+    return str(path)

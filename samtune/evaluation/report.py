@@ -223,7 +223,7 @@ def engine_json(engine: dict, zero_shot: EvalResult | None) -> dict:
         entry = {"round": r["round"], "stage": r["stage"], **{f"{m}_miou": v for m, v in (r.get("test") or {}).items()}}
         for key in ("proposed", "kept", "rejected", "kept_hidden_iou", "kept_precision50", "hidden_objects",
                     "hidden_recall50", "images_proposed", "best_pred_iou", "best_stability", "thresholds",
-                    "threshold_choice", "val_min_gain", "kept_previous", "n_train_images"):
+                    "threshold_choice", "val_min_gain", "kept_previous", "n_train_images", "review"):
             if key in r:
                 entry[key] = r[key]
         rounds.append(entry)
@@ -266,6 +266,14 @@ def _engine_section(engine: dict, run_dir: Path) -> list[str]:
                        f"{c['target_iou']:g}" if c.get("target_iou") is not None else f"F1 {_fmt(c.get('f1'))}")
                 lines.append(f"Round {r['round']}: thresholds chosen on validation {r.get('thresholds')} ({aim}; "
                              f"{ranking}).")
+        if r.get("review"):
+            v = r["review"]
+            per_fix = f", {v['clicks_per_fix']:g} clicks per fix" if v.get("clicks_per_fix") is not None else ""
+            lines.append(f"Round {r['round']}: people's reviews (engine.review) gave {v['accepted']} masks accepted as "
+                         f"proposed, {v['fixed']} fixed{per_fix}, {v['added']} added, {v['rejected']} rejected, on "
+                         f"{v['images_touched']} images ({v['images_reviewed']} marked done)"
+                         + (f"; {v['pseudo_dropped']} pseudo-labels they superseded were not trained on"
+                            if v.get("pseudo_dropped") else "") + ".")
         if r.get("kept_previous") and r.get("val_min_gain") is None:
             lines.append(f"Round {r['round']}: no pseudo-label to train on, so it kept its starting weights.")
         elif r.get("kept_previous"):

@@ -195,6 +195,53 @@ def test_zoomed_proposals_become_pseudo_labels_that_match_hidden_labels(tmp_path
     assert len(train) == 2 and sum(len(r.coco_anns) for r in train) == len(ious)
 
 
+def test_the_simulated_reviewer_reviews_proposals_against_hidden_labels(tmp_path):
+    """engine.review=simulated's reviewer on small discs with the shipped model: accepted masks match their disc at
+    accept_iou, fixed and added ones reach target_iou, it stops at its budget, its decisions are reviews the engine
+    reads; from scratch (proposals=false) it only adds objects, and costs more actions per object."""
+    from samtune.annotate.store import ReviewStore, decode
+    from samtune.engine.review import load_reviews
+    from samtune.engine.simulated import ReviewerSettings, simulate_review
+    from samtune.metrics import mask_iou_matrix
+    from samtune.model import build_model
+    from samtune.predict.segmenter import Segmenter
+    from samtune.predict.zoom import ZoomConfig
+
+    root = write_disc_dataset(tmp_path / "discs", "train", 2)
+    records, _ = scan_folder(root, "train")
+    model = build_model("sam_tiny", checkpoint=str(ROOT / "data" / "checkpoints" / "sam_tiny_generalist.pt")).eval()
+    proposals = propose(model, records, {"points_per_side": 6, "zoom": 2.0, "box_nms_thresh": 0.4})
+    segmenter = Segmenter(model, ZoomConfig(context=2.0))
+    # 13-px discs: pixel edges keep clicked masks under 0.85 IoU, so the bars are lower than the defaults
+    settings = ReviewerSettings(budget=200, show_pred_iou=0.5, accept_iou=0.7, target_iou=0.8)
+    effort = simulate_review(segmenter, records, proposals, ReviewStore(tmp_path / "review"), settings,
+                             model_sha256="test")
+    assert effort["actions"] <= settings.budget and effort["images_reviewed"] == 2
+    assert effort["accepted"] + effort["fixed"] + effort["added"] >= 14  # of 16 discs
+    for record in records:
+        state = ReviewStore(tmp_path / "review").load(record.rel_path)
+        _, inst = load_record(record)
+        gts = [encode_masks([inst == i])[0] for i in range(1, int(inst.max()) + 1)]
+        for obj in state["objects"]:
+            best = float(mask_iou_matrix([obj["rle"]], gts).max())
+            if obj["status"] == "accepted":
+                assert best >= settings.accept_iou
+            elif obj["status"] in ("fixed", "added"):
+                assert best >= settings.target_iou and obj["n_clicks"] >= 1
+            assert decode(obj["rle"]).shape == inst.shape
+    loaded = load_reviews(tmp_path / "review", records)
+    assert loaded.reviewed == {r.rel_path for r in records} and sum(len(r.coco_anns) for r in loaded.labeled) >= 14
+
+    scratch = simulate_review(segmenter, records, proposals, ReviewStore(tmp_path / "scratch"),
+                              ReviewerSettings(budget=200, accept_iou=0.7, target_iou=0.8, proposals=False), model_sha256="test")
+    assert scratch["accepted"] == scratch["fixed"] == scratch["rejected"] == 0 and scratch["added"] >= 1
+    per_object = effort["actions"] / (effort["accepted"] + effort["fixed"] + effort["added"])
+    assert scratch["added"] >= 14 and per_object < scratch["actions"] / scratch["added"]  # reviewing saves actions
+    tight = simulate_review(segmenter, records, proposals, ReviewStore(tmp_path / "tight"),
+                            ReviewerSettings(budget=5), model_sha256="test")
+    assert tight["actions"] <= 5 and tight["images_reviewed"] == 0
+
+
 def test_pseudo_weights_scale_the_loss():
     module = make_module("decoder_only")
     batch = tiny_batch()
@@ -410,3 +457,21 @@ def test_reviews_enter_the_next_round(engine_run, tmp_path):
     with pytest.raises(subprocess.CalledProcessError):
         subprocess.run(_engine_args(tmp, run_dir, "engine.rounds=2", f"engine.review={tmp_path / 'none'}"),
                        cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+
+
+def test_a_simulated_reviewer_runs_in_the_engine(tmp_path):
+    """engine.review=simulated: each pseudo-label round's reviewer spends its budget on that round's proposals, its
+    decisions train as labels, and the report tells the effort."""
+    write_blob_dataset(tmp_path / "blobs", {"train": 8, "val": 1, "test": 2})
+    run_dir = tmp_path / "runs" / "sim"
+    proc = subprocess.run(_engine_args(tmp_path, run_dir, "engine.semi.enabled=false", "engine.review=simulated",
+                                       "engine.simulated.budget=20", "engine.simulated.accept_iou=0.5",
+                                       "engine.simulated.target_iou=0.6"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    effort = json.loads((run_dir / "engine" / "round_1" / "simulated_review.json").read_text())
+    assert 0 < effort["actions"] <= 20 and effort["accepted"] + effort["fixed"] + effort["added"] >= 1
+    done = json.loads((run_dir / "engine" / "round_1" / "DONE.json").read_text())
+    assert done["review"]["simulated"] == effort
+    assert done["n_train_images"] > 2  # the 2 labelled images and the reviewed ones
+    assert "the simulated reviewer (reviewing proposals) spent" in (run_dir / "report.md").read_text()

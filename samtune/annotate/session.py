@@ -59,8 +59,8 @@ class AnnotationSession:
         pseudo: rel_path -> the pseudo-label annotations of a round (COCO, with ``segmentation`` RLE and
             ``provenance``), for ``proposals=pseudo``.
         auto_params: Automatic mask generation parameters (``auto``).
-        order: ``file``, ``random`` (seeded) or ``uncertainty`` (lowest mean predicted IoU of the proposals first;
-            images are prepared, in the background, as the queue is ordered).
+        order: ``file``, ``random`` (seeded) or ``uncertainty`` (lowest mean predicted IoU of the proposals first:
+            every image's proposals are made when the session starts, to order them).
         model_sha256: Recorded with every decision.
         binary_as_one_object: Mask interpretation of the labels.
         prefetch: Images prepared ahead of the one shown (proposals, whole-image embedding).
@@ -259,6 +259,9 @@ class AnnotationSession:
             elif action in ("accept", "reject", "delete"):
                 obj = self._object(state, body.get("object"))
                 if action == "delete":
+                    if obj["status"] != "added":
+                        raise ActionError(f"object {obj['id']} is a proposal ({obj['status']}): reject it instead of "
+                                          "deleting it, so that its decision is recorded")
                     state["objects"].remove(obj)
                 else:
                     obj["status"] = "accepted" if action == "accept" else "rejected"

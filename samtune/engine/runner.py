@@ -29,6 +29,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from samtune.annotate.store import ReviewStore
 from samtune.data.records import ImageRecord
 from samtune.engine.pseudo import (
     Thresholds,
@@ -42,9 +43,12 @@ from samtune.engine.pseudo import (
 from samtune.engine.review import drop_superseded, load_reviews
 from samtune.engine.settings import EngineSettings, engine_settings
 from samtune.engine.settings import stages as round_stages
+from samtune.engine.simulated import simulate_review
 from samtune.engine.split import split_labeled
 from samtune.evaluation.job import MAIN, EvalJob
 from samtune.model.checkpoint import load_sam_weights, save_sam_weights
+from samtune.predict.segmenter import Segmenter
+from samtune.predict.zoom import zoom_config
 from samtune.training.finetune_modes import finetune_mode
 from samtune.training.fit import fit
 from samtune.training.run_dir import run_overrides
@@ -124,6 +128,10 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
     amg = settings.amg
     from_val = settings.thresholds_from_val
     keep_previous = settings.keep_previous_if_worse
+    review_dir = None if settings.review is None else (
+        edir / "reviews_simulated" if settings.review == "simulated" else Path(settings.review))
+    if settings.review == "simulated":
+        ReviewStore(review_dir)  # the simulated reviewer's folder, made before the first round reads it
     start_weights = edir / "start_model.pth"  # round 0's starting point, should round 0 not beat it on val
     weights = None  # path of the latest round's model
     rounds: list[dict] = []
@@ -143,14 +151,9 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
         info: dict = {"round": k, "stage": stage}
         train_records: list[ImageRecord] = list(labeled)
         module_kwargs: dict = {}
-        # people's decisions so far (engine.review): labelled masks; reviewed images get no proposal
-        reviews = load_reviews(settings.review, unlabeled) if settings.review else None
-        pool = unlabeled
-        if reviews is not None:
-            train_records += reviews.labeled
-            pool = [r for r in unlabeled if r.rel_path not in reviews.reviewed]
-            info["review"] = dict(reviews.counts)
-            log.info("Round %d: reviews in %s: %s (their masks train as labels)", k, settings.review, reviews.counts)
+        # people's decisions so far (engine.review): reviewed images get no proposal; their masks train as labels
+        reviews = load_reviews(review_dir, unlabeled) if review_dir is not None else None
+        pool = [r for r in unlabeled if reviews is None or r.rel_path not in reviews.reviewed]
         if stage in ("semi_supervised", "pseudo_label"):
             model_hash = checkpoint_hash(weights) if weights is not None else "start"
             images = _round_images(pool, settings.max_images_per_round, seed=int(cfg.seed) + k)
@@ -179,6 +182,17 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
                         for p, ms in proposals.items()}
                 n_prop, n_kept = sum(map(len, proposals.values())), sum(map(len, kept.values()))
                 quality = hidden_label_quality(images, kept, binary) if settings.measure_hidden_labels else {}
+                if settings.simulated is not None and stage == "pseudo_label":
+                    # the simulated reviewer goes through this round's proposals (its own reviews folder)
+                    was_training = model.training
+                    model.eval()
+                    effort = simulate_review(Segmenter(model, zoom_config(cfg.eval)), images, proposals,
+                                             ReviewStore(review_dir), settings.simulated, binary_as_one_object=binary,
+                                             model_sha256=model_hash)
+                    model.train(was_training)
+                    atomic_write_json(rdir / "simulated_review.json", effort)
+                    log.info("Round %d: the simulated reviewer spent %d of %d actions: %s", k, effort["actions"],
+                             effort["budget"], effort)
                 write_pseudo_labels(path, images, kept, round_index=k, stage=stage, model_hash=model_hash,
                                     thresholds=thresholds, root=root)
                 every = [m for ms in proposals.values() for m in ms]
@@ -199,11 +213,19 @@ def run_engine(cfg: DictConfig, run_dir: Path, model, records: dict, job: EvalJo
                 log.warning("Round %d (%s) keeps no proposal: %s", k, stage,
                             _why_nothing({**info, "zoomed": amg.get("zoom") is not None}))
             extra = pseudo_records(path, images, weight=weight, kind=kind)
-            if reviews is not None:  # no pseudo-label where a person rejected or already gave that mask
-                extra, info["review"]["pseudo_dropped"] = drop_superseded(extra, reviews.superseded)
+            if review_dir is not None:  # no pseudo-label where a person rejected or already gave that mask
+                reviews = load_reviews(review_dir, unlabeled)
+                extra, dropped = drop_superseded(extra, reviews.superseded)
+                info["review"] = {**reviews.counts, "pseudo_dropped": dropped}
+                if (rdir / "simulated_review.json").is_file():
+                    info["review"]["simulated"] = read_json(rdir / "simulated_review.json")
             log.info("Round %d (%s): %d of %d proposed masks kept on %d images%s", k, stage, info["kept"],
                      info["proposed"], len(extra), _quality_note(info))
             train_records += extra
+        if reviews is not None:
+            train_records += reviews.labeled
+            info.setdefault("review", dict(reviews.counts))
+            log.info("Round %d: reviews in %s: %s (their masks train as labels)", k, review_dir, info["review"])
         if stage == "pseudo_label" and info["kept"] == 0 and keep_previous and not (reviews and reviews.labeled):
             # nothing beyond the labelled images, which the rounds before trained on to their best validation epoch
             log.warning("Round %d (%s): no pseudo-label to train on; the round keeps its starting weights", k, stage)

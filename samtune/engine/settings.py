@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from samtune.engine.simulated import ReviewerSettings
+
 STAGES = ("supervised", "semi_supervised", "pseudo_label")
 # what a partial engine config (a test's, a user's Python call) leaves out: configs/engine/default.yaml's values
 DEFAULTS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "pseudo_weight": 0.5,
@@ -68,6 +70,7 @@ class EngineSettings:
     measure_hidden_labels: bool
     semi: SemiSettings | None
     review: str | None = None
+    simulated: ReviewerSettings | None = None
 
 
 def _whole_or_none(engine: Mapping, key: str) -> int | None:
@@ -129,13 +132,26 @@ def engine_settings(engine: DictConfig | Mapping) -> EngineSettings:
         measure_hidden_labels=bool(engine.get("measure_hidden_labels", True)),
         semi=semi,
         review=_review(engine.get("review")),
+        simulated=_simulated(engine) if engine.get("review") == "simulated" else None,
     )
 
 
+def _simulated(engine) -> ReviewerSettings:
+    """``engine.simulated`` (the simulated reviewer of ``engine.review=simulated``)."""
+    values = engine.get("simulated") or {}
+    values = OmegaConf.to_container(values, resolve=True) if isinstance(values, DictConfig) else dict(values)
+    unknown = sorted(set(values) - set(ReviewerSettings.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"engine.simulated: unknown keys {unknown}; valid: {sorted(ReviewerSettings.__dataclass_fields__)}")
+    return ReviewerSettings(**values)
+
+
 def _review(value) -> str | None:
-    """``engine.review``: null or a reviews folder (checked to hold reviews/)."""
+    """``engine.review``: null, ``simulated`` or a reviews folder (checked to hold reviews/)."""
     if value in (None, ""):
         return None
+    if value == "simulated":
+        return "simulated"
     import hydra
 
     from samtune.engine.review import check_review_folder

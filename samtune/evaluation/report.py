@@ -266,7 +266,7 @@ def _engine_section(engine: dict, run_dir: Path) -> list[str]:
                        f"{c['target_iou']:g}" if c.get("target_iou") is not None else f"F1 {_fmt(c.get('f1'))}")
                 lines.append(f"Round {r['round']}: thresholds chosen on validation {r.get('thresholds')} ({aim}; "
                              f"{ranking}).")
-        if r.get("review"):
+        if r.get("review") and (r["review"].get("images_touched") or r["review"].get("simulated")):
             v = r["review"]
             per_fix = f", {v['clicks_per_fix']:g} clicks per fix" if v.get("clicks_per_fix") is not None else ""
             lines.append(f"Round {r['round']}: people's reviews (engine.review) gave {v['accepted']} masks accepted as "
@@ -274,6 +274,13 @@ def _engine_section(engine: dict, run_dir: Path) -> list[str]:
                          f"{v['images_touched']} images ({v['images_reviewed']} marked done)"
                          + (f"; {v['pseudo_dropped']} pseudo-labels they superseded were not trained on"
                             if v.get("pseudo_dropped") else "") + ".")
+            if v.get("simulated"):
+                e = v["simulated"]
+                how = "reviewing proposals" if e.get("proposals") else "labelling from scratch"
+                lines.append(f"Round {r['round']}: the simulated reviewer ({how}) spent {e['actions']} of {e['budget']} "
+                             f"actions: {e['accepted']} accepted, {e['fixed']} fixed ({e.get('clicks_per_fix') or '-'} clicks "
+                             f"each), {e['added']} added ({e.get('clicks_per_add') or '-'} clicks each), {e['rejected']} "
+                             f"rejected, {e['dropped']} given up; {e['images_reviewed']} images done.")
         if r.get("kept_previous") and r.get("val_min_gain") is None:
             lines.append(f"Round {r['round']}: no pseudo-label to train on, so it kept its starting weights.")
         elif r.get("kept_previous"):

@@ -257,7 +257,7 @@ def explain_no_masks(generator: MaskGenerator | ZoomedMaskGenerator, where: str)
 
 def filter_stats(generator: MaskGenerator | ZoomedMaskGenerator) -> dict:
     """What the generator's filters did (``FilterStats.as_dict``; with zoom, of the zoomed answers, and the
-    candidates' under ``candidates``)."""
+    candidates' under ``candidates_grid``)."""
     out = generator.stats.as_dict()
     if isinstance(generator, ZoomedMaskGenerator):
         out["candidates_grid"] = generator.candidate_stats.as_dict()

@@ -90,6 +90,22 @@ class _Clicker:
         self.labels.append(int(label[0, 0]))
         self._step()
 
+    def click_until(self, target: float, max_clicks: int, room: int) -> int:
+        """Correction clicks until ``target`` IoU, ``max_clicks`` clicks in all, or ``room`` more actions spent;
+        returns the clicks made in all (the first one included)."""
+        n = 1
+        while self.iou < target and n < max_clicks and room > 0:
+            self.correct()
+            n += 1
+            room -= 1
+        return n
+
+    def as_object(self, objects: list[dict], status: str, model_sha256: str, n: int, **extra) -> dict:
+        """The clicked object as the annotator records it."""
+        return _object(objects, status, model_sha256, mask=self.mask[0].numpy(), n_clicks=n,
+                       predicted_iou=round(self.pred_iou, 4), clicks={"points": self.points, "labels": self.labels},
+                       **extra)
+
 
 def _centre(mask: torch.Tensor) -> tuple[float, float]:
     x, y = center_points(mask[None]).reshape(-1, 2)[0]
@@ -147,18 +163,13 @@ def simulate_review(segmenter: Segmenter, records: list[ImageRecord], proposals:
                 g = free[best]
                 spent += 1  # the first click of a fix: on the object, re-segmented from its interior point
                 clicker = _Clicker(predict, gts[g], _centre(mask))
-                n = 1
-                while clicker.iou < settings.target_iou and n < settings.max_clicks and spent < budget:
-                    clicker.correct()
-                    n += 1
-                    spent += 1
+                n = clicker.click_until(settings.target_iou, settings.max_clicks, budget - spent)
+                spent += n - 1
                 if clicker.iou >= settings.accept_iou:  # reached the target, or gave up at a mask good to accept
                     fixed += 1
                     fix_clicks += n
                     taken.add(g)
-                    objects.append(_object(objects, "fixed", model_sha256, mask=clicker.mask[0].numpy(),
-                                           source=source, n_clicks=n, predicted_iou=round(clicker.pred_iou, 4),
-                                           clicks={"points": clicker.points, "labels": clicker.labels}))
+                    objects.append(clicker.as_object(objects, "fixed", model_sha256, n, source=source))
                 elif spent < budget:
                     spent += 1
                     rejected += 1
@@ -175,17 +186,12 @@ def simulate_review(segmenter: Segmenter, records: list[ImageRecord], proposals:
                 break
             spent += 1  # the first click
             clicker = _Clicker(predict, gts[g], _centre(gts[g]))
-            n = 1
-            while clicker.iou < settings.target_iou and n < settings.max_clicks and spent < budget:
-                clicker.correct()
-                n += 1
-                spent += 1
+            n = clicker.click_until(settings.target_iou, settings.max_clicks, budget - spent)
+            spent += n - 1
             if clicker.iou >= settings.accept_iou:  # reached the target, or gave up at a mask good to accept
                 added += 1
                 add_clicks += n
-                objects.append(_object(objects, "added", model_sha256, mask=clicker.mask[0].numpy(), n_clicks=n,
-                                       predicted_iou=round(clicker.pred_iou, 4),
-                                       clicks={"points": clicker.points, "labels": clicker.labels}))
+                objects.append(clicker.as_object(objects, "added", model_sha256, n))
             else:
                 dropped += 1
         reviewed += complete

@@ -212,13 +212,13 @@ class AnnotationSession:
                                                   "objects": [], "history": [], "failed": str(exc)})
 
     def prepare_ahead(self, index: int) -> None:
-        """Prepare the next ``prefetch`` images in a background thread (proposals, embedding), so that the next
-        image appears at once."""
+        """Prepare image ``index`` (its whole-image embedding, while the user looks at it) and the next ``prefetch``
+        images (proposals, embedding) in a background thread, so that clicks and the next image answer at once."""
         if self._worker is not None and self._worker.is_alive():
             return
 
         def work() -> None:
-            for j in range(index + 1, min(index + 1 + self.prefetch, len(self.records))):
+            for j in range(index, min(index + 1 + self.prefetch, len(self.records))):
                 try:
                     self.state(j)
                     self.embedded(j)

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from samtune.annotate.store import HISTORY, ReviewStore, decode, encode, now
+from samtune.annotate.store import HISTORY, ReviewStore, decode, encode, new_object, now
 from samtune.data.io import load_image
 from samtune.data.records import ImageRecord, load_record
 from samtune.model.promptable_sam import PromptableSam
@@ -177,9 +177,7 @@ class AnnotationSession:
         return []
 
     def _new_object(self, oid: int, status: str, mask: np.ndarray, **extra) -> dict:
-        return {"id": oid, "status": status, "rle": encode(mask), "source": None, "clicks": None, "n_clicks": 0,
-                "box": None, "seconds": 0.0, "model_sha256": self.model_sha256, "time": now(), "predicted_iou": None,
-                **extra}
+        return new_object(oid, status, mask, self.model_sha256, **extra)
 
     def state(self, index: int) -> dict:
         """Image ``index``'s state (made, with its proposals, and saved the first time it is asked for).

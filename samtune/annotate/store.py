@@ -45,6 +45,12 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def new_object(oid: int, status: str, mask: np.ndarray, model_sha256: str, **extra) -> dict:
+    """An object as a review records it (the fields of the module docstring); ``extra`` sets any of them."""
+    return {"id": oid, "status": status, "rle": encode(mask), "source": None, "clicks": None, "n_clicks": 0,
+            "box": None, "seconds": 0.0, "model_sha256": model_sha256, "time": now(), "predicted_iou": None, **extra}
+
+
 class ReviewStore:
     """The decisions of one reviews folder.
 

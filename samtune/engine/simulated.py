@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from samtune.annotate.store import ReviewStore, decode, encode, now
+from samtune.annotate.store import ReviewStore, decode, new_object
 from samtune.data.io import load_image
 from samtune.data.records import ImageRecord, load_record
 from samtune.metrics import instance_iou_dice
@@ -113,10 +113,8 @@ def _centre(mask: torch.Tensor) -> tuple[float, float]:
 
 
 def _object(objects: list[dict], status: str, model_sha256: str, *, mask: np.ndarray, **extra) -> dict:
-    """An object as the annotator records it."""
-    return {"id": len(objects) + 1, "status": status, "rle": encode(mask), "source": None, "clicks": None,
-            "n_clicks": 0, "box": None, "seconds": 0.0, "model_sha256": model_sha256, "time": now(),
-            "predicted_iou": None, **extra}
+    """The next object of ``objects`` as the annotator records it."""
+    return new_object(len(objects) + 1, status, mask, model_sha256, **extra)
 
 
 def simulate_review(segmenter: Segmenter, records: list[ImageRecord], proposals: Mapping[str, list], store: ReviewStore,
